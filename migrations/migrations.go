@@ -1,0 +1,54 @@
+// Package migrations holds Cloud Connector's PostgreSQL schema as versioned
+// SQL files and applies them. The files are embedded so every binary can
+// migrate the database it is pointed at.
+package migrations
+
+import (
+	"context"
+	"embed"
+	"fmt"
+	"io/fs"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/tern/v2/migrate"
+)
+
+//go:embed *.sql
+var files embed.FS
+
+// FS returns the migration files: NNN_name.sql, in tern's format.
+func FS() fs.FS { return files }
+
+// VersionTable is the table tern records the applied version in.
+const VersionTable = "schema_version"
+
+// Up applies every migration not yet applied to the database conn is
+// connected to. Concurrent callers are serialized by an advisory lock, so
+// several processes may call it at start. It returns the resulting version.
+func Up(ctx context.Context, conn *pgx.Conn) (int32, error) {
+	m, err := migrate.NewMigrator(ctx, conn, VersionTable)
+	if err != nil {
+		return 0, fmt.Errorf("new migrator: %w", err)
+	}
+	if err := m.LoadMigrations(files); err != nil {
+		return 0, fmt.Errorf("load migrations: %w", err)
+	}
+	if err := m.Migrate(ctx); err != nil {
+		return 0, fmt.Errorf("migrate: %w", err)
+	}
+	v, err := m.GetCurrentVersion(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("read schema version: %w", err)
+	}
+	return v, nil
+}
+
+// UpURL connects to databaseURL and applies every pending migration.
+func UpURL(ctx context.Context, databaseURL string) (int32, error) {
+	conn, err := pgx.Connect(ctx, databaseURL)
+	if err != nil {
+		return 0, fmt.Errorf("connect: %w", err)
+	}
+	defer conn.Close(context.WithoutCancel(ctx))
+	return Up(ctx, conn)
+}
