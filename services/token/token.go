@@ -41,25 +41,25 @@ type IssuerConfig struct {
 // Config configures a Verifier. Zero values take the defaults documented on
 // each field.
 type Config struct {
-	Issuers []IssuerConfig `json:"issuers"`
+	Issuers []IssuerConfig
 	// Algorithms allowed in the token header. Default ["RS256"].
-	Algorithms []string `json:"algorithms,omitempty"`
+	Algorithms []string
 	// ClockSkew tolerated on exp, nbf and iat. Default 30s.
-	ClockSkew time.Duration `json:"clock_skew,omitempty"`
+	ClockSkew time.Duration
 	// KeyRefreshInterval is how often key sets are refetched in the
 	// background. Default 15m.
-	KeyRefreshInterval time.Duration `json:"key_refresh_interval,omitempty"`
+	KeyRefreshInterval time.Duration
 	// UnknownKeyRefetchInterval bounds how often a token with an unknown
 	// kid may trigger a refetch, per issuer. Default 30s.
-	UnknownKeyRefetchInterval time.Duration `json:"unknown_key_refetch_interval,omitempty"`
+	UnknownKeyRefetchInterval time.Duration
 	// MaxKeyStaleness is how long the last good keys of an unreachable
 	// issuer stay trusted. Default 24h.
-	MaxKeyStaleness time.Duration `json:"max_key_staleness,omitempty"`
+	MaxKeyStaleness time.Duration
 	// HTTPClient fetches discovery documents and key sets. Default: a
 	// client with a 10s timeout.
-	HTTPClient *http.Client `json:"-"`
+	HTTPClient *http.Client
 	// Now is the clock. Default time.Now.
-	Now func() time.Time `json:"-"`
+	Now func() time.Time
 }
 
 // WithDefaults returns c with every zero field set to its default.
