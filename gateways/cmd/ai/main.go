@@ -1,0 +1,25 @@
+// Command ai runs the ai gateway: see package gateway.
+//
+//	ai -config ai.yaml
+//
+// DATABASE_URL and DECISION_URL override the config file.
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/cloud-connector/cloud-connector/gateways/gateway"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := gateway.RunCommand(ctx, "ai", os.Args[1:], os.Getenv, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "ai:", err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,48 @@
+package gateway
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+
+	"github.com/cloud-connector/cloud-connector/gateways/routes"
+	"github.com/cloud-connector/cloud-connector/services/config"
+	"github.com/cloud-connector/cloud-connector/services/server"
+)
+
+// RunCommand is the whole of a gateway binary named name ("ai", "cicd"):
+// flags, config file, environment overrides (DATABASE_URL, DECISION_URL),
+// the built-in route table, then Run.
+func RunCommand(ctx context.Context, name string, args []string, getenv func(string) string, stderr io.Writer) error {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	configPath := fs.String("config", getenv("CONFIG_FILE"), "YAML config file")
+	logLevel := fs.String("log-level", getenv("LOG_LEVEL"), "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	logger, err := server.NewLogger(stderr, *logLevel)
+	if err != nil {
+		return err
+	}
+	cfg := Config{Name: name}
+	if *configPath != "" {
+		if err := config.Load(*configPath, &cfg); err != nil {
+			return err
+		}
+	}
+	if v := getenv("DATABASE_URL"); v != "" {
+		cfg.DatabaseURL = v
+	}
+	if v := getenv("DECISION_URL"); v != "" {
+		cfg.DecisionURL = v
+	}
+	if cfg.Routes, err = routes.Default(name); err != nil {
+		return err
+	}
+	return Run(ctx, cfg, logger)
+}

@@ -1,0 +1,319 @@
+// Package gateway is the engine of Cloud Connector's per-feature gateways:
+// it matches a request to a route (feature and backend), asks the decision
+// service, enforces the budget, proxies the request without buffering
+// (JSON, SSE, NDJSON, chunked, WebSocket, gRPC) and records usage.
+package gateway
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/cloud-connector/cloud-connector/gateways/budget"
+	"github.com/cloud-connector/cloud-connector/gateways/decisions"
+	"github.com/cloud-connector/cloud-connector/gateways/route"
+	"github.com/cloud-connector/cloud-connector/gateways/usage"
+	"github.com/cloud-connector/cloud-connector/services/config"
+	"github.com/cloud-connector/cloud-connector/services/server"
+)
+
+// Gateway is a running gateway. Its ServeHTTP is the public handler.
+type Gateway struct {
+	cfg       Config
+	logger    *slog.Logger
+	pool      *pgxpool.Pool
+	decisions *decisions.Client
+	budget    *budget.Limiter
+	usage     *usage.Recorder
+	backends  map[string]*backend
+	mux       atomic.Pointer[http.Handler]
+	routesSum [32]byte
+	metrics   *metrics
+
+	public, admin   *http.Server
+	ln, adminLn     net.Listener
+	bgCtx           context.Context
+	cancel          context.CancelFunc
+	bg              sync.WaitGroup
+	budgetStopped   chan struct{}
+	usageStopped    chan struct{}
+}
+
+// New builds a gateway from cfg and opens its listeners; Run serves.
+func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err error) {
+	cfg = cfg.WithDefaults()
+	trusted, err := cfg.validate()
+	if err != nil {
+		return nil, fmt.Errorf("gateway config: %w", err)
+	}
+	logger = logger.With("gateway", cfg.Name)
+	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}}
+	g.bgCtx, g.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			g.cancel()
+			g.closeResources()
+		}
+	}()
+	reg := server.NewRegistry()
+	g.metrics = newMetrics(reg, cfg.Name)
+
+	for name, bc := range cfg.Backends {
+		b, err := newBackend(name, bc, trusted, logger)
+		if err != nil {
+			return nil, fmt.Errorf("backend %s: %w", name, err)
+		}
+		g.backends[name] = b
+	}
+	table, sum, err := g.loadRoutes()
+	if err != nil {
+		return nil, err
+	}
+	g.install(table, sum)
+
+	if g.pool, err = pgxpool.New(ctx, cfg.DatabaseURL); err != nil {
+		return nil, fmt.Errorf("open database pool: %w", err)
+	}
+	if g.decisions, err = decisions.New(decisions.Config{
+		URL: cfg.DecisionURL, Timeout: cfg.DecisionTimeout.D(), CacheSize: cfg.DecisionCacheSize, Registerer: reg,
+	}); err != nil {
+		return nil, err
+	}
+	g.budget = budget.New(g.pool, budget.Config{Registerer: reg}, logger)
+	if g.usage, err = usage.New(g.pool, usage.Config{SpoolDir: cfg.UsageSpoolDir, Registerer: reg}, logger); err != nil {
+		return nil, err
+	}
+
+	g.public = server.New(g, true, logger)
+	g.admin = server.New(server.Admin(reg, server.Check{Name: "database", Fn: g.pool.Ping}), false, logger)
+	if g.ln, err = server.Listen(cfg.Listen); err != nil {
+		return nil, err
+	}
+	if g.adminLn, err = server.Listen(cfg.AdminListen); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+// Addr is the public listening address.
+func (g *Gateway) Addr() string { return g.ln.Addr().String() }
+
+// AdminAddr is the admin listening address.
+func (g *Gateway) AdminAddr() string { return g.adminLn.Addr().String() }
+
+// ServeHTTP normalizes the path, applies host or prefix mounting and routes
+// the request.
+func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	path, err := route.CleanPath(r.URL.EscapedPath())
+	if err != nil {
+		g.metrics.observe("", http.StatusBadRequest, time.Now())
+		detail(http.StatusBadRequest, grpcInvalidArgument, msgBadPath).write(w, r)
+		return
+	}
+	if !g.hostMounted(r.Host) {
+		var ok bool
+		if path, ok = route.StripPrefix(path, g.cfg.Prefix); !ok || (g.cfg.Prefix == "" && len(g.cfg.Hosts) > 0) {
+			detail(http.StatusNotFound, grpcUnimplemented, msgNotFound).write(w, r)
+			return
+		}
+	}
+	u := *r.URL
+	u.RawPath, u.Path = path, unescape(path)
+	r2 := new(http.Request)
+	*r2 = *r
+	r2.URL = &u
+	(*g.mux.Load()).ServeHTTP(w, r2)
+}
+
+func (g *Gateway) hostMounted(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	return slices.ContainsFunc(g.cfg.Hosts, func(h string) bool { return strings.EqualFold(h, host) })
+}
+
+// Run serves until ctx is done, then drains in-flight requests, returns
+// budget leases, flushes usage and releases every resource.
+func (g *Gateway) Run(ctx context.Context) error {
+	g.logger.Info("gateway listening", "addr", g.Addr(), "admin", g.AdminAddr(), "prefix", g.cfg.Prefix, "hosts", g.cfg.Hosts)
+	g.budgetStopped, g.usageStopped = make(chan struct{}), make(chan struct{})
+	go func() { defer close(g.budgetStopped); g.budget.Run(g.bgCtx) }()
+	go func() { defer close(g.usageStopped); g.usage.Run(g.bgCtx) }()
+	if g.cfg.RoutesFile != "" {
+		g.bg.Add(1)
+		go func() { defer g.bg.Done(); g.watchRoutes(g.bgCtx) }()
+	}
+
+	serveCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	drain := g.cfg.ShutdownDrain.D()
+	errs := make([]error, 2)
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); errs[0] = server.Serve(serveCtx, g.public, g.ln, drain); stop() }()
+	go func() { defer wg.Done(); errs[1] = server.Serve(serveCtx, g.admin, g.adminLn, drain); stop() }()
+	wg.Wait()
+
+	// Traffic has stopped: hand back what this replica holds, then write
+	// what it recorded.
+	g.cancel()
+	<-g.budgetStopped
+	<-g.usageStopped
+	g.bg.Wait()
+	closeCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := g.budget.Close(closeCtx); err != nil {
+		errs = append(errs, fmt.Errorf("return budget leases: %w", err))
+	}
+	if err := g.usage.Close(closeCtx); err != nil {
+		errs = append(errs, fmt.Errorf("flush usage: %w", err))
+	}
+	g.closeResources()
+	g.logger.Info("gateway stopped")
+	return errors.Join(errs...)
+}
+
+func (g *Gateway) closeResources() {
+	for _, b := range g.backends {
+		b.closer.CloseIdleConnections()
+	}
+	if g.pool != nil {
+		g.pool.Close()
+	}
+	for _, ln := range []net.Listener{g.ln, g.adminLn} {
+		if ln != nil {
+			ln.Close()
+		}
+	}
+}
+
+// loadRoutes reads and validates the route table.
+func (g *Gateway) loadRoutes() (route.Table, [32]byte, error) {
+	if g.cfg.RoutesFile == "" {
+		if err := g.cfg.Routes.Validate(g.cfg.Backends); err != nil {
+			return route.Table{}, [32]byte{}, err
+		}
+		return g.cfg.Routes, [32]byte{}, nil
+	}
+	b, err := os.ReadFile(g.cfg.RoutesFile)
+	if err != nil {
+		return route.Table{}, [32]byte{}, fmt.Errorf("read routes: %w", err)
+	}
+	var t route.Table
+	if err := config.Load(g.cfg.RoutesFile, &t); err != nil {
+		return route.Table{}, [32]byte{}, err
+	}
+	if err := t.Validate(g.cfg.Backends); err != nil {
+		return route.Table{}, [32]byte{}, err
+	}
+	return t, sha256.Sum256(b), nil
+}
+
+// install swaps in a router for t.
+func (g *Gateway) install(t route.Table, sum [32]byte) {
+	var h http.Handler = t.Mux(func(rt route.Route) http.Handler {
+		b := g.backends[rt.Backend]
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			g.serveRoute(rt, b, w, r, r.URL.EscapedPath())
+		})
+	}, func(w http.ResponseWriter, r *http.Request) {
+		detail(http.StatusNotFound, grpcUnimplemented, msgNotFound).write(w, r)
+	}, func(w http.ResponseWriter, r *http.Request) {
+		detail(http.StatusMethodNotAllowed, grpcUnimplemented, msgMethod).write(w, r)
+	})
+	g.mux.Store(&h)
+	g.routesSum = sum
+	g.logger.Info("routes installed", "routes", len(t.Routes))
+}
+
+// watchRoutes reloads RoutesFile when its content changes. A table that
+// does not parse or validate is rejected and the current one keeps serving.
+func (g *Gateway) watchRoutes(ctx context.Context) {
+	t := time.NewTicker(g.cfg.RoutesReloadInterval.D())
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		b, err := os.ReadFile(g.cfg.RoutesFile)
+		if err != nil {
+			g.logger.Error("read routes; keeping current", "error", err)
+			continue
+		}
+		if sha256.Sum256(b) == g.routesSum {
+			continue
+		}
+		table, sum, err := g.loadRoutes()
+		if err != nil {
+			g.metrics.routeReloads.WithLabelValues("rejected").Inc()
+			g.logger.Error("route table rejected; keeping current", "error", err)
+			g.routesSum = sha256.Sum256(b) // do not log the same bad file every tick
+			continue
+		}
+		g.install(table, sum)
+		g.metrics.routeReloads.WithLabelValues("ok").Inc()
+	}
+}
+
+type metrics struct {
+	gateway      string
+	requests     *prometheus.CounterVec
+	duration     *prometheus.HistogramVec
+	denials      *prometheus.CounterVec
+	routeReloads *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer, gateway string) *metrics {
+	m := &metrics{
+		gateway: gateway,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cloudconnector_gateway_requests_total",
+			Help: "Requests answered, by route and status code.",
+		}, []string{"gateway", "route", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "cloudconnector_gateway_request_duration_seconds",
+			Help:    "Time from request arrival to the end of the response (streams included).",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2.5, 14),
+		}, []string{"gateway", "route"}),
+		denials: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cloudconnector_gateway_denials_total",
+			Help: "Requests refused by the gateway, by route, status and reason.",
+		}, []string{"gateway", "route", "code", "reason"}),
+		routeReloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cloudconnector_gateway_route_reloads_total",
+			Help: "Route table reloads by result (ok, rejected).",
+		}, []string{"result"}),
+	}
+	reg.MustRegister(m.requests, m.duration, m.denials, m.routeReloads)
+	return m
+}
+
+func (m *metrics) observe(route string, status int, start time.Time) {
+	m.requests.WithLabelValues(m.gateway, route, strconv.Itoa(status)).Inc()
+	m.duration.WithLabelValues(m.gateway, route).Observe(time.Since(start).Seconds())
+}
+
+// Run builds a gateway from cfg and serves until ctx is done.
+func Run(ctx context.Context, cfg Config, logger *slog.Logger) error {
+	g, err := New(ctx, cfg, logger)
+	if err != nil {
+		return err
+	}
+	return g.Run(ctx)
+}

@@ -1,0 +1,211 @@
+package gateway
+
+import (
+	"context"
+	"net/http"
+	"strconv"
+	"time"
+	"unicode"
+
+	"github.com/google/uuid"
+
+	"github.com/cloud-connector/cloud-connector/gateways/budget"
+	"github.com/cloud-connector/cloud-connector/gateways/decisions"
+	"github.com/cloud-connector/cloud-connector/gateways/route"
+	"github.com/cloud-connector/cloud-connector/gateways/usage"
+	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
+)
+
+// GitLab request headers the gateway reads.
+const (
+	hdrAuthType      = "X-Gitlab-Authentication-Type"
+	hdrGitLabInst    = "X-Gitlab-Instance-Id"
+	hdrGitLabRealm   = "X-Gitlab-Realm"
+	hdrGitLabUser    = "X-Gitlab-Global-User-Id"
+	hdrGitLabVersion = "X-Gitlab-Version"
+	hdrClientType    = "X-Gitlab-Client-Type"
+	hdrDeployment    = "X-Gitlab-Deployment-Type"
+	hdrHostName      = "X-Gitlab-Host-Name"
+)
+
+// serveRoute handles one request on route rt: authorize, spend budget,
+// proxy, record usage.
+func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, r *http.Request, path string) {
+	start := time.Now()
+	reqID := requestID(r)
+	w.Header().Set(hdrRequestID, reqID)
+	up := &upstream{path: path, headers: http.Header{hdrRequestID: {reqID}, hdrGateway: {g.cfg.Name}}}
+	ctx := context.WithValue(r.Context(), upstreamKey{}, up)
+
+	if rt.Public {
+		rec := &recorder{ResponseWriter: w}
+		g.forward(ctx, rt, b, rec, r)
+		g.metrics.observe(rt.Name, statusOf(rec, up), start)
+		return
+	}
+
+	feature, ok := rt.FeatureOf(r)
+	if !ok {
+		if feature == "" {
+			g.deny(w, r, rt, "missing_feature", detail(http.StatusBadRequest, grpcInvalidArgument, "Missing "+rt.FeatureHeader+" header"), start)
+		} else {
+			g.deny(w, r, rt, "feature_not_routed", forbidden("Unauthorized to access "+feature), start)
+		}
+		return
+	}
+	d, err := g.decisions.Decide(ctx, &authzv1.AuthorizeRequest{
+		Authorization:      r.Header.Get("Authorization"),
+		AuthenticationType: r.Header.Get(hdrAuthType),
+		Feature:            feature,
+		Audience:           b.cfg.Audience,
+		Request: &authzv1.RequestFacts{
+			Method:         r.Method,
+			Path:           path,
+			InstanceId:     r.Header.Get(hdrGitLabInst),
+			Realm:          r.Header.Get(hdrGitLabRealm),
+			GlobalUserId:   r.Header.Get(hdrGitLabUser),
+			GitlabVersion:  r.Header.Get(hdrGitLabVersion),
+			ClientType:     r.Header.Get(hdrClientType),
+			DeploymentType: r.Header.Get(hdrDeployment),
+			HostName:       r.Header.Get(hdrHostName),
+			RequestId:      reqID,
+		},
+	})
+	if err != nil {
+		g.logger.Warn("no decision; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
+		w.Header().Set("Retry-After", "5")
+		g.deny(w, r, rt, "decision_unavailable", unavailable(), start)
+		return
+	}
+	switch d.Outcome {
+	case decisions.Unauthenticated:
+		g.deny(w, r, rt, d.Reason, unauthenticated(d.Message), start)
+		return
+	case decisions.Forbidden:
+		g.deny(w, r, rt, d.Reason, forbidden(d.Message), start)
+		return
+	}
+
+	subject := d.Subject.OrganizationID
+	if subject == "" {
+		subject = "instance:" + d.Subject.InstanceID
+	}
+	out, err := g.budget.Take(ctx, subject, budget.Spec{
+		Bucket: d.Budget.Bucket, Limit: d.Budget.Limit, Window: d.Budget.Window, Unit: d.Budget.Unit,
+	})
+	switch {
+	case err != nil && rt.FailMode() == route.FailOpen:
+		g.logger.Warn("budget unavailable; failing open", "error", err, "route", rt.Name, "request_id", reqID)
+	case err != nil:
+		g.logger.Warn("budget unavailable; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
+		w.Header().Set("Retry-After", "5")
+		g.deny(w, r, rt, "budget_unavailable", unavailable(), start)
+		return
+	case !out.Allowed:
+		h := w.Header()
+		retry := out.RetryAfter(time.Now())
+		h.Set("Retry-After", strconv.Itoa(int(retry/time.Second)))
+		h.Set("RateLimit-Limit", strconv.FormatInt(out.Limit, 10))
+		h.Set("RateLimit-Remaining", "0")
+		h.Set("RateLimit-Reset", strconv.Itoa(int(retry/time.Second)))
+		if d.Budget.Kind == decisions.Quota {
+			g.deny(w, r, rt, "quota_exceeded", quotaExceeded(feature, out.Reset), start)
+		} else {
+			g.deny(w, r, rt, "rate_limited", tooManyRequests(), start)
+		}
+		return
+	}
+
+	s := d.Subject
+	up.headers.Set(hdrOrganizationID, s.OrganizationID)
+	up.headers.Set(hdrInstanceID, s.InstanceID)
+	up.headers.Set(hdrRealm, s.Realm)
+	up.headers.Set(hdrPlan, s.Plan)
+	up.headers.Set(hdrFeature, feature)
+
+	rec := &recorder{ResponseWriter: w}
+	body := &counter{ReadCloser: r.Body}
+	if r.Body != nil && r.Body != http.NoBody {
+		r.Body = body
+	}
+	g.forward(ctx, rt, b, rec, r)
+	status := statusOf(rec, up)
+	g.metrics.observe(rt.Name, status, start)
+
+	userID := s.GlobalUserID
+	if userID == "" {
+		userID = r.Header.Get(hdrGitLabUser)
+	}
+	g.usage.Record(usage.Event{
+		ID:             eventID(),
+		OccurredAt:     start.UTC(),
+		OrganizationID: s.OrganizationID,
+		InstanceID:     s.InstanceID,
+		Realm:          s.Realm,
+		GlobalUserID:   userID,
+		Feature:        feature,
+		Gateway:        g.cfg.Name,
+		Route:          rt.Name,
+		Method:         r.Method,
+		Status:         status,
+		Duration:       time.Since(start),
+		RequestBytes:   body.n,
+		ResponseBytes:  rec.bytes,
+		Units:          up.units,
+		RequestID:      reqID,
+		GitLabVersion:  r.Header.Get(hdrGitLabVersion),
+		ClientType:     r.Header.Get(hdrClientType),
+	})
+}
+
+// forward proxies r to b within the route's limits.
+func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w http.ResponseWriter, r *http.Request) {
+	if limit := rt.BodyLimit(); limit > 0 && r.Body != nil {
+		r.Body = http.MaxBytesReader(w, r.Body, limit)
+	}
+	if rt.Timeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, rt.Timeout.D())
+		defer cancel()
+	}
+	b.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
+
+func (g *Gateway) deny(w http.ResponseWriter, r *http.Request, rt route.Route, reason string, p problem, start time.Time) {
+	g.metrics.denials.WithLabelValues(g.cfg.Name, rt.Name, strconv.Itoa(p.status), reason).Inc()
+	p.write(w, r)
+	g.metrics.observe(rt.Name, p.status, start)
+}
+
+func statusOf(rec *recorder, up *upstream) int {
+	switch {
+	case up.failure != 0:
+		return up.failure
+	case rec.status != 0:
+		return rec.status
+	}
+	return http.StatusOK
+}
+
+// requestID keeps a client's X-Request-ID when it is a sane token, or
+// makes a new one.
+func requestID(r *http.Request) string {
+	id := r.Header.Get(hdrRequestID)
+	if id == "" || len(id) > 128 {
+		return uuid.NewString()
+	}
+	for _, c := range id {
+		if c > unicode.MaxASCII || !(unicode.IsLetter(c) || unicode.IsDigit(c) || c == '-' || c == '_' || c == '.' || c == ':') {
+			return uuid.NewString()
+		}
+	}
+	return id
+}
+
+func eventID() uuid.UUID {
+	id, err := uuid.NewV7()
+	if err != nil {
+		return uuid.New()
+	}
+	return id
+}

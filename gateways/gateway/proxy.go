@@ -1,0 +1,191 @@
+package gateway
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cloud-connector/cloud-connector/gateways/route"
+)
+
+// Internal headers the gateway sets for backends. Clients can never set
+// them: every request header with this prefix is removed first.
+const (
+	internalPrefix       = "X-Cloud-Connector-"
+	hdrOrganizationID    = internalPrefix + "Organization-Id"
+	hdrInstanceID        = internalPrefix + "Instance-Id"
+	hdrRealm             = internalPrefix + "Realm"
+	hdrFeature           = internalPrefix + "Feature"
+	hdrPlan              = internalPrefix + "Plan"
+	hdrGateway           = internalPrefix + "Gateway"
+	hdrRequestID         = "X-Request-Id"
+	hdrUnits             = internalPrefix + "Units"
+	statusClientGoneAway = 499
+)
+
+// backend proxies to one backend service.
+type backend struct {
+	name   string
+	cfg    route.Backend
+	target *url.URL
+	proxy  *httputil.ReverseProxy
+	closer interface{ CloseIdleConnections() }
+}
+
+// upstream is what the handler hands the proxy through the request context.
+type upstream struct {
+	path    string // backend-relative escaped path
+	headers http.Header
+	units   *int64
+	failure int // status the proxy answered with itself, if any
+}
+
+type upstreamKey struct{}
+
+func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *slog.Logger) (*backend, error) {
+	target, err := url.Parse(cfg.URL)
+	if err != nil {
+		return nil, err
+	}
+	h1 := &http.Transport{
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          1024,
+		MaxIdleConnsPerHost:   256,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		ResponseHeaderTimeout: cfg.HeaderTimeout(),
+	}
+	b := &backend{name: name, cfg: cfg, target: target, closer: h1}
+	var transport http.RoundTripper = h1
+	if cfg.HTTP2 {
+		h2 := h1.Clone()
+		var p http.Protocols
+		p.SetUnencryptedHTTP2(true)
+		h2.Protocols = &p
+		transport = splitTransport{h1: h1, h2: h2}
+		b.closer = closers{h1, h2}
+	}
+	b.proxy = &httputil.ReverseProxy{
+		Transport: transport,
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			up := pr.In.Context().Value(upstreamKey{}).(*upstream)
+			pr.Out.URL.Path, pr.Out.URL.RawPath = unescape(up.path), up.path
+			pr.SetURL(target)
+			if peerTrusted(pr.In.RemoteAddr, trusted) {
+				pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
+			}
+			pr.SetXForwarded()
+			if peerTrusted(pr.In.RemoteAddr, trusted) {
+				if proto := pr.In.Header.Get("X-Forwarded-Proto"); proto == "https" || proto == "http" {
+					pr.Out.Header.Set("X-Forwarded-Proto", proto)
+				}
+				if host := pr.In.Header.Get("X-Forwarded-Host"); host != "" {
+					pr.Out.Header.Set("X-Forwarded-Host", host)
+				}
+			}
+			pr.Out.Header.Del("X-Real-Ip")
+			for k := range pr.Out.Header {
+				if strings.HasPrefix(k, internalPrefix) {
+					delete(pr.Out.Header, k)
+				}
+			}
+			for k, v := range up.headers {
+				pr.Out.Header[k] = v
+			}
+		},
+		ModifyResponse: func(res *http.Response) error {
+			up := res.Request.Context().Value(upstreamKey{}).(*upstream)
+			if v := res.Header.Get(hdrUnits); v != "" {
+				if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+					up.units = &n
+				}
+			}
+			for k := range res.Header {
+				if strings.HasPrefix(k, internalPrefix) {
+					delete(res.Header, k)
+				}
+			}
+			return nil
+		},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			up := r.Context().Value(upstreamKey{}).(*upstream)
+			var tooLarge *http.MaxBytesError
+			var p problem
+			switch {
+			case errors.As(err, &tooLarge):
+				p = detail(http.StatusRequestEntityTooLarge, grpcResourceExhausted, msgTooLarge)
+			case errors.Is(r.Context().Err(), context.Canceled):
+				// The client went away; there is no one to answer.
+				up.failure = statusClientGoneAway
+				return
+			case errors.Is(err, context.DeadlineExceeded) || isTimeout(err):
+				p = detail(http.StatusGatewayTimeout, grpcUnavailable, msgGatewayTimeout)
+			default:
+				p = detail(http.StatusBadGateway, grpcUnavailable, msgBadGateway)
+			}
+			up.failure = p.status
+			logger.Warn("proxy to backend failed", "backend", name, "error", err, "status", p.status,
+				"request_id", r.Header.Get(hdrRequestID))
+			p.write(w, r)
+		},
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	return b, nil
+}
+
+// splitTransport sends upgrade requests (WebSocket) over HTTP/1.1, which
+// HTTP/2 cannot carry, and everything else over HTTP/2 cleartext.
+type splitTransport struct{ h1, h2 http.RoundTripper }
+
+func (t splitTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Header.Get("Upgrade") != "" {
+		return t.h1.RoundTrip(r)
+	}
+	return t.h2.RoundTrip(r)
+}
+
+type closers []*http.Transport
+
+func (cs closers) CloseIdleConnections() {
+	for _, c := range cs {
+		c.CloseIdleConnections()
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func unescape(p string) string {
+	if u, err := url.PathUnescape(p); err == nil {
+		return u
+	}
+	return p
+}
+
+func peerTrusted(remoteAddr string, trusted []netip.Prefix) bool {
+	if len(trusted) == 0 {
+		return false
+	}
+	ap, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil {
+		return false
+	}
+	for _, p := range trusted {
+		if p.Contains(ap.Addr().Unmap()) {
+			return true
+		}
+	}
+	return false
+}
