@@ -58,13 +58,13 @@ func (h *Handler) rpcError(ctx context.Context, err error, requestID string) err
 	switch {
 	case errors.Is(err, ErrInvalidRequest):
 		return connect.NewError(connect.CodeInvalidArgument, err)
+	case errors.Is(err, context.Canceled):
+		return connect.NewError(connect.CodeCanceled, errors.New("canceled"))
+	case errors.Is(err, context.DeadlineExceeded):
+		return connect.NewError(connect.CodeDeadlineExceeded, errors.New("deadline exceeded"))
 	case errors.Is(err, ErrUnavailable):
 		h.logger.WarnContext(ctx, "authorize unavailable", "error", err, "request_id", requestID)
 		return connect.NewError(connect.CodeUnavailable, errors.New("authorization temporarily unavailable"))
-	case errors.Is(err, context.Canceled):
-		return connect.NewError(connect.CodeCanceled, err)
-	case errors.Is(err, context.DeadlineExceeded):
-		return connect.NewError(connect.CodeDeadlineExceeded, err)
 	default:
 		h.logger.ErrorContext(ctx, "authorize failed", "error", err, "request_id", requestID)
 		return connect.NewError(connect.CodeInternal, errors.New("internal error"))

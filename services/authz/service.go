@@ -81,9 +81,9 @@ func New(cfg Config, verifier TokenVerifier, orgs OrganizationFinder, policy Pol
 // Authorize decides on req. A refusal is a Decision, not an error; errors
 // wrap ErrInvalidRequest or ErrUnavailable, or are internal.
 func (s *Service) Authorize(ctx context.Context, req Request) (Decision, error) {
-	start := s.now()
-	d, err := s.authorize(ctx, req, start)
-	s.latency.Observe(time.Since(start).Seconds())
+	began := time.Now() // latency uses the real clock even when Now is injected
+	d, err := s.authorize(ctx, req, s.now())
+	s.latency.Observe(time.Since(began).Seconds())
 	if err != nil {
 		s.decisions.WithLabelValues("error", "").Inc()
 		return Decision{}, err
@@ -120,7 +120,7 @@ func (s *Service) authorize(ctx context.Context, req Request, now time.Time) (De
 	claims, err := s.verifier.Verify(ctx, raw, req.Audience)
 	if err != nil {
 		var te *token.Error
-		if errors.As(err, &te) && te.Temporary() {
+		if errors.As(err, &te) && te.Temporary() && ctx.Err() == nil {
 			return Decision{}, fmt.Errorf("%w: verify token: %w", ErrUnavailable, err)
 		}
 		reason := string(token.ReasonOf(err))
@@ -131,10 +131,12 @@ func (s *Service) authorize(ctx context.Context, req Request, now time.Time) (De
 		d.Explanation = []string{err.Error()}
 		return d, nil
 	}
-	if f.InstanceID != "" && claims.Subject != f.InstanceID {
+	// GitLab's bindings: a claim that is set must equal its header; an
+	// absent header does not match a set claim.
+	if claims.Subject != f.InstanceID {
 		return unauthenticated("instance_id_mismatch", MsgInstanceIDHeader), nil
 	}
-	if f.Realm != "" && claims.Realm != "" && claims.Realm != f.Realm {
+	if claims.Realm != "" && claims.Realm != f.Realm {
 		return unauthenticated("realm_mismatch", MsgRealmHeader), nil
 	}
 
@@ -149,6 +151,8 @@ func (s *Service) authorize(ctx context.Context, req Request, now time.Time) (De
 		in.Organization = &org
 		subject.OrganizationID, subject.Plan = org.ID, org.Plan
 	case errors.Is(err, ErrNotFound):
+	case ctx.Err() != nil:
+		return Decision{}, fmt.Errorf("find organization: %w", err)
 	default:
 		return Decision{}, fmt.Errorf("%w: find organization: %w", ErrUnavailable, err)
 	}
