@@ -52,3 +52,36 @@ func UpURL(ctx context.Context, databaseURL string) (int32, error) {
 	defer conn.Close(context.WithoutCancel(ctx))
 	return Up(ctx, conn)
 }
+
+// Latest is the version the embedded migrations bring a database to.
+func Latest() (int32, error) {
+	names, err := migrate.FindMigrations(files)
+	if err != nil {
+		return 0, fmt.Errorf("find migrations: %w", err)
+	}
+	return int32(len(names)), nil
+}
+
+// Querier runs a query returning one row; a pool satisfies it.
+type Querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// Check reports an error unless the database is at the embedded schema
+// version (or newer, during a rolling upgrade's migrate-first phase). It is
+// a readiness check: a process must not serve on a database the migration
+// job has not prepared.
+func Check(ctx context.Context, db Querier) error {
+	want, err := Latest()
+	if err != nil {
+		return err
+	}
+	var got int32
+	if err := db.QueryRow(ctx, "SELECT version FROM "+VersionTable).Scan(&got); err != nil {
+		return fmt.Errorf("read schema version (run migrations): %w", err)
+	}
+	if got < want {
+		return fmt.Errorf("schema at version %d, want %d: run migrations", got, want)
+	}
+	return nil
+}

@@ -68,3 +68,24 @@ func TestUsageEventsIdempotentAndPartitioned(t *testing.T) {
 		t.Fatalf("usage_daily requests = %d, %v; want 1", requests, err)
 	}
 }
+
+func TestCheck(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	pool := pgtest.Pool(t)
+	if err := migrations.Check(ctx, pool); err != nil {
+		t.Fatalf("Check on migrated database: %v", err)
+	}
+	if _, err := pool.Exec(ctx, "UPDATE "+migrations.VersionTable+" SET version = 1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := migrations.Check(ctx, pool); err == nil {
+		t.Fatal("Check passed on a database behind the embedded schema")
+	}
+	if _, err := pool.Exec(ctx, "DROP TABLE "+migrations.VersionTable); err != nil {
+		t.Fatal(err)
+	}
+	if err := migrations.Check(ctx, pool); err == nil {
+		t.Fatal("Check passed on an unmigrated database")
+	}
+}

@@ -35,6 +35,9 @@ func RunCommand(ctx context.Context, name string, args []string, getenv func(str
 			return err
 		}
 	}
+	if cfg.Name != name {
+		return fmt.Errorf("config names gateway %q but this is the %s gateway (its built-in routes are %s's)", cfg.Name, name, name)
+	}
 	if v := getenv("DATABASE_URL"); v != "" {
 		cfg.DatabaseURL = v
 	}

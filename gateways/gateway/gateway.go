@@ -27,6 +27,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/gateways/decisions"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/usage"
+	"github.com/cloud-connector/cloud-connector/migrations"
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/server"
 )
@@ -44,13 +45,13 @@ type Gateway struct {
 	routesSum [32]byte
 	metrics   *metrics
 
-	public, admin   *http.Server
-	ln, adminLn     net.Listener
-	bgCtx           context.Context
-	cancel          context.CancelFunc
-	bg              sync.WaitGroup
-	budgetStopped   chan struct{}
-	usageStopped    chan struct{}
+	proc          *server.Process
+	ln, adminLn   net.Listener
+	bgCtx         context.Context
+	cancel        context.CancelFunc
+	bg            sync.WaitGroup
+	budgetStopped chan struct{}
+	usageStopped  chan struct{}
 }
 
 // New builds a gateway from cfg and opens its listeners; Run serves.
@@ -98,14 +99,19 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, err
 	}
 
-	g.public = server.New(g, true, logger)
-	g.admin = server.New(server.Admin(reg, server.Check{Name: "database", Fn: g.pool.Ping}), false, logger)
 	if g.ln, err = server.Listen(cfg.Listen); err != nil {
 		return nil, err
 	}
 	if g.adminLn, err = server.Listen(cfg.AdminListen); err != nil {
 		return nil, err
 	}
+	g.proc = &server.Process{PublicLn: g.ln, AdminLn: g.adminLn, Drain: cfg.ShutdownDrain.D()}
+	g.proc.Public = server.New(g, true, logger)
+	g.proc.Admin = server.New(server.Admin(reg,
+		server.Check{Name: "shutdown", Fn: g.proc.Ready},
+		server.Check{Name: "database", Fn: g.pool.Ping},
+		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, g.pool) }},
+	), false, logger)
 	return g, nil
 }
 
@@ -158,15 +164,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 		go func() { defer g.bg.Done(); g.watchRoutes(g.bgCtx) }()
 	}
 
-	serveCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	drain := g.cfg.ShutdownDrain.D()
-	errs := make([]error, 2)
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); errs[0] = server.Serve(serveCtx, g.public, g.ln, drain); stop() }()
-	go func() { defer wg.Done(); errs[1] = server.Serve(serveCtx, g.admin, g.adminLn, drain); stop() }()
-	wg.Wait()
+	errs := []error{g.proc.Run(ctx, nil)}
 
 	// Traffic has stopped: hand back what this replica holds, then write
 	// what it recorded.

@@ -11,7 +11,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -19,6 +18,7 @@ import (
 	"connectrpc.com/grpcreflect"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/cloud-connector/cloud-connector/migrations"
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
 	"github.com/cloud-connector/cloud-connector/services/authz"
 	"github.com/cloud-connector/cloud-connector/services/config"
@@ -90,8 +90,7 @@ type Server struct {
 	pool    *pgxpool.Pool
 	engine  *opa.Engine
 	health  *grpchealth.StaticChecker
-	public  *http.Server
-	admin   *http.Server
+	proc    *server.Process
 	ln      net.Listener
 	adminLn net.Listener
 	cancel  context.CancelFunc
@@ -155,18 +154,19 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 	reflector := grpcreflect.NewStaticReflector(authzv1connect.AuthorizationServiceName, grpchealth.HealthV1ServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
-	s.public = server.New(mux, true, logger)
-
-	s.admin = server.New(server.Admin(reg,
-		server.Check{Name: "database", Fn: s.pool.Ping},
-	), false, logger)
-
 	if s.ln, err = server.Listen(cfg.Listen); err != nil {
 		return nil, err
 	}
 	if s.adminLn, err = server.Listen(cfg.AdminListen); err != nil {
 		return nil, err
 	}
+	s.proc = &server.Process{PublicLn: s.ln, AdminLn: s.adminLn, Drain: cfg.ShutdownDrain.D()}
+	s.proc.Public = server.New(mux, true, logger)
+	s.proc.Admin = server.New(server.Admin(reg,
+		server.Check{Name: "shutdown", Fn: s.proc.Ready},
+		server.Check{Name: "database", Fn: s.pool.Ping},
+		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, s.pool) }},
+	), false, logger)
 	return s, nil
 }
 
@@ -183,27 +183,12 @@ func (s *Server) Run(ctx context.Context) error {
 	s.logger.Info("decision service listening", "addr", s.Addr(), "admin", s.AdminAddr(),
 		"policy_revision", s.engine.Revision())
 	go s.engine.Run(s.bgCtx)
-	drain := s.cfg.ShutdownDrain.D()
-	var wg sync.WaitGroup
-	errs := make([]error, 2)
-	serveCtx, stop := context.WithCancel(ctx)
-	defer stop()
-	wg.Add(2)
-	go func() {
-		defer wg.Done()
-		errs[0] = server.Serve(serveCtx, s.public, s.ln, drain)
-		stop()
-	}()
-	go func() {
-		defer wg.Done()
-		errs[1] = server.Serve(serveCtx, s.admin, s.adminLn, drain)
-		stop()
-	}()
-	<-serveCtx.Done()
-	s.health.SetStatus(authzv1connect.AuthorizationServiceName, grpchealth.StatusNotServing)
-	wg.Wait()
+	err := s.proc.Run(ctx, func() {
+		s.health.SetStatus("", grpchealth.StatusNotServing)
+		s.health.SetStatus(authzv1connect.AuthorizationServiceName, grpchealth.StatusNotServing)
+	})
 	s.logger.Info("decision service stopped")
-	return errors.Join(errs...)
+	return err
 }
 
 func (s *Server) close() {

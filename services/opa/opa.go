@@ -301,7 +301,8 @@ func compile(ctx context.Context, fsys fs.FS) (*compiled, error) {
 }
 
 func load(fsys fs.FS) (*loader.Result, error) {
-	res, err := loader.NewFileLoader().WithFS(fsys).WithRegoVersion(ast.RegoV1).All([]string{"."})
+	res, err := loader.NewFileLoader().WithFS(fsys).WithRegoVersion(ast.RegoV1).
+		Filtered([]string{"."}, func(_ string, info fs.FileInfo, _ int) bool { return hidden(info.Name()) })
 	if err != nil {
 		return nil, fmt.Errorf("load policy: %w", err)
 	}
@@ -389,19 +390,33 @@ func fingerprint(fsys fs.FS) (string, error) {
 	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
+// walkFiles calls fn for every policy file, skipping hidden entries (such
+// as Kubernetes' ..data bookkeeping in ConfigMap volumes). File info
+// follows symlinks, so a swapped link target counts as a change.
 func walkFiles(fsys fs.FS, fn func(string, fs.FileInfo) error) error {
 	return fs.WalkDir(fsys, ".", func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
+		if err != nil {
 			return err
+		}
+		if path != "." && hidden(d.Name()) {
+			if d.IsDir() {
+				return fs.SkipDir
+			}
+			return nil
+		}
+		if d.IsDir() {
+			return nil
 		}
 		if !strings.HasSuffix(path, ".rego") && !strings.HasSuffix(path, ".yaml") &&
 			!strings.HasSuffix(path, ".yml") && !strings.HasSuffix(path, ".json") {
 			return nil
 		}
-		info, err := d.Info()
+		info, err := fs.Stat(fsys, path)
 		if err != nil {
 			return err
 		}
 		return fn(path, info)
 	})
 }
+
+func hidden(name string) bool { return name != "." && strings.HasPrefix(name, ".") }

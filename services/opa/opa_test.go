@@ -168,3 +168,24 @@ func BenchmarkEvaluate(b *testing.B) {
 		}
 	})
 }
+
+// TestHiddenEntriesIgnored lays the policy out the way a Kubernetes
+// ConfigMap volume does (real files under a hidden timestamped directory,
+// a ..data link, and hidden leftovers) and checks only visible files load.
+func TestHiddenEntriesIgnored(t *testing.T) {
+	t.Parallel()
+	dir := writePolicy(t)
+	hiddenDir := filepath.Join(dir, "..2026_11_22_10_00_00.123")
+	if err := os.MkdirAll(filepath.Join(hiddenDir, "broken"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// Would fail to compile if loaded.
+	os.WriteFile(filepath.Join(hiddenDir, "broken", "x.rego"), []byte("package broken\nx := {"), 0o644)
+	os.WriteFile(filepath.Join(dir, ".editor-swap.rego"), []byte("not rego"), 0o644)
+	if err := os.Symlink(hiddenDir, filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := opa.New(context.Background(), opa.Config{Dir: dir}, discard); err != nil {
+		t.Fatalf("hidden entries were loaded: %v", err)
+	}
+}
