@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/json"
+	"io"
+	"net/http"
+	"time"
+)
+
+// demoBackend stands in for the AI gateway and the CI/CD service behind the
+// gateways: it answers completions as JSON or as a stream of server-sent
+// events, chat as NDJSON, and reports the units it used.
+func demoBackend() http.Handler {
+	mux := http.NewServeMux()
+	completion := "bool:\n    return n % 2 == 0\n"
+	mux.HandleFunc("POST /v2/code/completions", func(w http.ResponseWriter, r *http.Request) {
+		var req struct {
+			Stream      bool `json:"stream"`
+			CurrentFile struct {
+				FileName string `json:"file_name"`
+			} `json:"current_file"`
+		}
+		if err := json.NewDecoder(io.LimitReader(r.Body, 1<<20)).Decode(&req); err != nil {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusUnprocessableEntity)
+			json.NewEncoder(w).Encode(map[string]string{"detail": "invalid JSON body: " + err.Error()})
+			return
+		}
+		// The completion as a model streams it, token by token.
+		tokens := []string{"bool", ":", "\n", "    return", " n", " %", " 2", " ==", " 0", "\n"}
+		w.Header().Set("X-Cloud-Connector-Units", "12")
+		if !req.Stream {
+			w.Header().Set("Content-Type", "application/json")
+			json.NewEncoder(w).Encode(map[string]any{
+				"id":      "demo-completion",
+				"model":   map[string]string{"engine": "demo", "name": "demo-code-model", "lang": "python"},
+				"choices": []map[string]any{{"text": completion, "index": 0, "finish_reason": "length"}},
+			})
+			return
+		}
+		// A token at a time, as a model would produce them.
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Cache-Control", "no-cache")
+		rc := http.NewResponseController(w)
+		for _, tok := range tokens {
+			b, _ := json.Marshal(tok)
+			io.WriteString(w, "data: "+string(b)+"\n\n")
+			rc.Flush()
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(150 * time.Millisecond):
+			}
+		}
+	})
+	mux.HandleFunc("POST /v2/chat/agent", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		rc := http.NewResponseController(w)
+		enc := json.NewEncoder(w)
+		for i, part := range []string{"Hello", " from", " the", " demo", " backend."} {
+			enc.Encode(map[string]any{"type": "content_chunk", "index": i, "content": part})
+			rc.Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+	})
+	mux.HandleFunc("GET /v1/models/definitions", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"models":[{"name":"demo-code-model","provider":"demo"}]}`)
+	})
+	mux.HandleFunc("GET /monitoring/healthz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"status":"ok"}`)
+	})
+	mux.HandleFunc("POST /v1/runners/jobs", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"job":null,"retry_in_seconds":5}`)
+	})
+	return mux
+}

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
+)
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// TestPrintedCommandsWork starts the stack as README's first command does
+// and runs the curl commands it prints, exactly as printed, with bash.
+func TestPrintedCommandsWork(t *testing.T) {
+	t.Parallel()
+	for _, tool := range []string{"bash", "curl"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("CI") == "true" {
+				t.Fatalf("%s is required: %v", tool, err)
+			}
+			t.Skipf("%s not installed", tool)
+		}
+	}
+	dbURL := pgtest.URL(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	var stdout, stderr syncBuffer
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-addr", "127.0.0.1:0"}, func(k string) string {
+			if k == "DATABASE_URL" {
+				return dbURL
+			}
+			return ""
+		}, &stdout, &stderr)
+	}()
+	deadline := time.Now().Add(60 * time.Second)
+	for !strings.Contains(stdout.String(), "# Refused (401)") {
+		select {
+		case err := <-done:
+			t.Fatalf("devstack exited before it was ready: %v\n%s", err, stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("devstack not ready after 60s\nstdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	out := stdout.String()
+	script := out[strings.Index(out, "export TOKEN="):]
+	// Run each printed command on its own to check each answer.
+	parts := strings.Split(script, "\n# ")
+	setup := parts[0]
+	checks := []struct{ title, want string }{
+		{"Code completion (JSON)", `"choices":[{`},
+		{"Code completion streamed", "data: \" ==\""},
+		{"Refused (401)", `{"error":"Forbidden by auth provider"}`},
+	}
+	if len(parts) != len(checks)+1 {
+		t.Fatalf("printed %d commands, want %d:\n%s", len(parts)-1, len(checks), script)
+	}
+	for i, c := range checks {
+		cmd := parts[i+1]
+		if !strings.HasPrefix(cmd, c.title) {
+			t.Fatalf("command %d is %q, want %q", i, strings.SplitN(cmd, "\n", 2)[0], c.title)
+		}
+		res, err := exec.Command("bash", "-c", setup+"\n# "+cmd).CombinedOutput()
+		if err != nil || !strings.Contains(string(res), c.want) {
+			t.Errorf("%s: %v\n%s\nwant output containing %q", c.title, err, res, c.want)
+		}
+	}
+	if streamed := string(must(exec.Command("bash", "-c", setup+"\n# "+parts[2]).Output())); strings.Count(streamed, "data: ") < 5 {
+		t.Errorf("stream arrived as %d events, want one per token:\n%s", strings.Count(streamed, "data: "), streamed)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run returned %v on Ctrl-C\n%s", err, stderr.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("devstack did not stop within 60s of Ctrl-C")
+	}
+}
+
+func must(b []byte, err error) []byte {
+	if err != nil {
+		return []byte(err.Error())
+	}
+	return b
+}
