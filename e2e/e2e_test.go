@@ -49,8 +49,8 @@ func TestCodeCompletion(t *testing.T) {
 	s.stop()
 	var (
 		org, inst, feature, gw, rt, method, reqID string
-		status                                   int
-		units, reqBytes, resBytes                int64
+		status                                    int
+		units, reqBytes, resBytes                 int64
 	)
 	err := s.pool.QueryRow(context.Background(), `SELECT organization_id::text, instance_id, feature, gateway, route, method,
 		status, units, request_bytes, response_bytes, request_id FROM usage_events`).
