@@ -45,10 +45,13 @@ import (
 )
 
 const (
-	demoInstance = "8f0e2f6c-3c3a-4a55-9c1e-0d6b7d1a2b3c"
-	devDatabase  = "cloud_connector_dev"
-	aiAudience   = "gitlab-ai-gateway"
-	cicdAudience = "gitlab-cicd"
+	// Fixed ids, so policy overrides (policies/overrides) can name the demo
+	// organization.
+	demoOrganization = "4b0d3e00-0000-4000-8000-000000000001"
+	demoInstance     = "8f0e2f6c-3c3a-4a55-9c1e-0d6b7d1a2b3c"
+	devDatabase      = "cloud_connector_dev"
+	aiAudience       = "gitlab-ai-gateway"
+	cicdAudience     = "gitlab-cicd"
 )
 
 func main() {
@@ -65,6 +68,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	fs.SetOutput(stderr)
 	addr := fs.String("addr", "127.0.0.1:8080", "public entry address (/ai and /cicd)")
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
+	policyDir := fs.String("policy-dir", "", "policy directory replacing the embedded policy (hot-reloaded)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -88,7 +92,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	defer pool.Close()
 	orgID, err := postgres.Upsert(ctx, pool, postgres.Seed{
-		Name: "Demo Organization", Plan: "premium",
+		ID: demoOrganization, Name: "Demo Organization", Plan: "premium",
 		Instances: []postgres.SeedInstance{{ID: demoInstance, Realm: "self-managed"}},
 		AddOns:    []authz.AddOn{{Name: "duo_pro", Seats: 25}},
 	})
@@ -118,7 +122,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	backendURL := "http://" + backendLn.Addr().String()
 
 	dec, err := decision.New(ctx, decision.Config{
-		Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL,
+		Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL, PolicyDir: *policyDir,
 		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{{
 			Issuer: issuer.URL(), Audiences: []string{aiAudience, cicdAudience, "gitlab-duo-workflow-service"},
 		}}},
@@ -186,8 +190,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	printReady(stdout, readyInfo{
 		Entry: "http://" + publicLn.Addr().String(), Token: tok, OrgID: orgID,
 		Decision: dec.Addr(), DecisionAdmin: dec.AdminAddr(),
+		AI: gateways["ai"].Addr(), CICD: gateways["cicd"].Addr(),
 		AIAdmin: gateways["ai"].AdminAddr(), CICDAdmin: gateways["cicd"].AdminAddr(),
-		Issuer: issuer.URL(), Database: redact(dbURL),
+		Issuer: issuer.URL(), Database: redact(dbURL), Backend: backendURL,
 	})
 
 	select {
@@ -298,7 +303,8 @@ func redact(u string) string {
 type readyInfo struct {
 	Entry, Token, OrgID                         string
 	Decision, DecisionAdmin, AIAdmin, CICDAdmin string
-	Issuer, Database                            string
+	AI, CICD                                    string
+	Issuer, Database, Backend                   string
 }
 
 func printReady(w io.Writer, r readyInfo) {
@@ -314,8 +320,9 @@ func printReady(w io.Writer, r readyInfo) {
 
   public entry    %s   (/ai -> ai gateway, /cicd -> cicd gateway)
   decision        h2c://%s   (Connect, gRPC, gRPC-Web; admin http://%s/metrics)
-  gateway admin   ai http://%s/readyz   cicd http://%s/readyz
+  gateways        ai http://%s (admin http://%s/readyz)   cicd http://%s (admin http://%s/readyz)
   token issuer    %s/.well-known/openid-configuration
+  demo backend    %s   (what the gateways proxy to)
   database        %s   (demo organization %s, plan premium, add-on duo_pro)
 
 export TOKEN=%s
@@ -333,6 +340,6 @@ curl -sSN %s/ai/v2/code/completions \
 # Refused (401): this token is for the AI gateway, not the CI/CD gateway:
 curl -sS -X POST %s/cicd/v1/runners/jobs %s
 
-`, r.Entry, r.Decision, r.DecisionAdmin, r.AIAdmin, r.CICDAdmin, r.Issuer, r.Database, r.OrgID, r.Token,
+`, r.Entry, r.Decision, r.DecisionAdmin, r.AI, r.AIAdmin, r.CICD, r.CICDAdmin, r.Issuer, r.Backend, r.Database, r.OrgID, r.Token,
 		r.Entry, headers, r.Entry, headers, r.Entry, strings.ReplaceAll(headers, " \\\n     ", " "))
 }

@@ -146,6 +146,8 @@ func (o *Organizations) query(ctx context.Context, instanceID string) (lookup, e
 
 // Seed is a demo or test organization with its instances and add-ons.
 type Seed struct {
+	// ID fixes the organization id of a new organization; empty: generated.
+	ID        string
 	Name      string
 	Plan      string
 	Instances []SeedInstance
@@ -158,8 +160,9 @@ type SeedInstance struct {
 	Realm string
 }
 
-// Upsert creates or updates s's organization (matched by name), its
-// instances and its open-ended add-ons, and returns the organization id.
+// Upsert creates or updates s's organization (matched by ID if set, else by
+// name), its instances and its open-ended add-ons, and returns the
+// organization id.
 func Upsert(ctx context.Context, db interface {
 	Begin(ctx context.Context) (pgx.Tx, error)
 }, s Seed) (string, error) {
@@ -172,12 +175,17 @@ func Upsert(ctx context.Context, db interface {
 	}
 	defer tx.Rollback(ctx)
 	var id string
-	err = tx.QueryRow(ctx, `SELECT id::text FROM organizations WHERE name = $1`, s.Name).Scan(&id)
+	if s.ID != "" {
+		err = tx.QueryRow(ctx, `SELECT id::text FROM organizations WHERE id = $1`, s.ID).Scan(&id)
+	} else {
+		err = tx.QueryRow(ctx, `SELECT id::text FROM organizations WHERE name = $1`, s.Name).Scan(&id)
+	}
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
-		err = tx.QueryRow(ctx, `INSERT INTO organizations (name, plan) VALUES ($1, $2) RETURNING id::text`, s.Name, s.Plan).Scan(&id)
+		err = tx.QueryRow(ctx, `INSERT INTO organizations (id, name, plan) VALUES (coalesce($3::uuid, gen_random_uuid()), $1, $2)
+			RETURNING id::text`, s.Name, s.Plan, nullIfEmpty(s.ID)).Scan(&id)
 	case err == nil:
-		_, err = tx.Exec(ctx, `UPDATE organizations SET plan = $2, updated_at = now() WHERE id = $1`, id, s.Plan)
+		_, err = tx.Exec(ctx, `UPDATE organizations SET name = $2, plan = $3, updated_at = now() WHERE id = $1`, id, s.Name, s.Plan)
 	}
 	if err != nil {
 		return "", fmt.Errorf("seed organization: %w", err)
@@ -200,4 +208,11 @@ func Upsert(ctx context.Context, db interface {
 		return "", fmt.Errorf("seed: commit: %w", err)
 	}
 	return id, nil
+}
+
+func nullIfEmpty(s string) *string {
+	if s == "" {
+		return nil
+	}
+	return &s
 }

@@ -99,3 +99,19 @@ func TestUpsertIsIdempotent(t *testing.T) {
 		t.Fatalf("plan %q instances %d", plan, n)
 	}
 }
+
+func TestUpsertWithFixedID(t *testing.T) {
+	t.Parallel()
+	pool := pgtest.Pool(t)
+	ctx := context.Background()
+	const fixed = "4b0d3e00-0000-4000-8000-000000000001"
+	for _, plan := range []string{"premium", "ultimate"} {
+		id, err := postgres.Upsert(ctx, pool, postgres.Seed{ID: fixed, Name: "Demo", Plan: plan})
+		if err != nil || id != fixed {
+			t.Fatalf("Upsert = %q, %v; want %q", id, err, fixed)
+		}
+	}
+	if _, err := postgres.Upsert(ctx, pool, postgres.Seed{ID: "not-a-uuid", Name: "X", Plan: "free"}); err == nil {
+		t.Fatal("invalid id accepted")
+	}
+}
