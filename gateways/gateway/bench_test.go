@@ -1,0 +1,61 @@
+package gateway_test
+
+import (
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+)
+
+// BenchmarkGatewayAllowed measures the whole gateway path of an allowed
+// request whose decision is cached: path cleaning, routing, decision cache,
+// budget lease, header rewriting, proxying to a trivial backend and the
+// usage event. Client and backend run in the same process, so ns/op and
+// allocs/op include their share.
+func BenchmarkGatewayAllowed(b *testing.B) {
+	reply := []byte(`{"choices":[{"text":"return n % 2 == 0"}]}`)
+	backend := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/json")
+		w.Write(reply)
+	})
+	e := setup(b, options{handler: backend})
+	e.fake.set("bench", allowed(time.Hour, 1<<50))
+	if r := e.post(b, "/v2/code/completions", "bench"); r.status != http.StatusOK {
+		b.Fatalf("priming request: status %d (%s)", r.status, r.body)
+	}
+	header := e.newRequest(b, http.MethodPost, "/v2/code/completions", "bench", strings.NewReader("")).Header
+	url := e.base + "/v2/code/completions"
+	tr := &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024}
+	b.Cleanup(tr.CloseIdleConnections)
+	client := &http.Client{Transport: tr}
+
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(sampleBody))
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			req.Header = header.Clone()
+			res, err := client.Do(req)
+			if err != nil {
+				b.Error(err)
+				return
+			}
+			io.Copy(io.Discard, res.Body)
+			res.Body.Close()
+			if res.StatusCode != http.StatusOK {
+				b.Errorf("status %d", res.StatusCode)
+				return
+			}
+		}
+	})
+	b.StopTimer()
+	if n := e.fake.count(); n != 1 {
+		b.Errorf("decision calls = %d; want 1 (every request after the first is a cache hit)", n)
+	}
+}
