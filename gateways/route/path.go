@@ -9,10 +9,12 @@ import (
 var ErrBadPath = errors.New("invalid request path")
 
 // CleanPath checks a request's escaped path and returns it unchanged when
-// it is canonical: absolute, no empty, "." or ".." segments, no encoded
-// slash, backslash, dot or control characters. Requests are refused rather
-// than normalized so that the gateway, the policy and the backend can never
-// disagree about which resource was asked for.
+// it is canonical: absolute; no empty segment except a final trailing
+// slash; no "." or ".." segment (nor ".;" or "..;" forms some servers
+// treat as such); no backslash or control character, raw or encoded; no
+// encoded slash, dot or percent sign (double encoding). Requests are refused
+// rather than normalized so that the gateway, the policy and the backend
+// can never disagree about which resource was asked for.
 func CleanPath(escaped string) (string, error) {
 	if !strings.HasPrefix(escaped, "/") || len(escaped) > 2048 {
 		return "", ErrBadPath
@@ -26,26 +28,43 @@ func CleanPath(escaped string) (string, error) {
 			if i+2 >= len(escaped) {
 				return "", ErrBadPath
 			}
-			switch strings.ToLower(escaped[i+1 : i+3]) {
-			case "2f", "5c", "2e", "00":
+			hi, ok1 := unhex(escaped[i+1])
+			lo, ok2 := unhex(escaped[i+2])
+			if !ok1 || !ok2 {
 				return "", ErrBadPath
 			}
+			switch b := hi<<4 | lo; {
+			case b < 0x20, b == 0x7f, b == '/', b == '\\', b == '.', b == '%':
+				return "", ErrBadPath
+			}
+			i += 2
 		}
 	}
 	if escaped == "/" {
 		return escaped, nil
 	}
-	for _, seg := range strings.Split(escaped[1:], "/") {
-		switch seg {
-		case "", ".", "..":
-			// A trailing slash is the one empty segment allowed.
-			if seg == "" && strings.HasSuffix(escaped, "/") && !strings.HasSuffix(escaped, "//") {
-				continue
-			}
+	segs := strings.Split(escaped[1:], "/")
+	for i, seg := range segs {
+		if seg == "" && i == len(segs)-1 {
+			continue // trailing slash
+		}
+		if seg == "" || seg == "." || seg == ".." || strings.HasPrefix(seg, ".;") || strings.HasPrefix(seg, "..;") {
 			return "", ErrBadPath
 		}
 	}
 	return escaped, nil
+}
+
+func unhex(c byte) (byte, bool) {
+	switch {
+	case c >= '0' && c <= '9':
+		return c - '0', true
+	case c >= 'a' && c <= 'f':
+		return c - 'a' + 10, true
+	case c >= 'A' && c <= 'F':
+		return c - 'A' + 10, true
+	}
+	return 0, false
 }
 
 // StripPrefix removes prefix ("/ai") from path when path is the prefix or

@@ -115,9 +115,17 @@ func (t Table) Validate(backends map[string]Backend) error {
 			errs = append(errs, fmt.Errorf("%s: budget_fail_mode %q: want closed or open", at, r.BudgetFailMode))
 		}
 		for _, m := range r.Methods {
-			if m != strings.ToUpper(m) || m == "" {
-				errs = append(errs, fmt.Errorf("%s: method %q must be upper case", at, m))
+			if !slices.Contains(knownMethods, m) {
+				errs = append(errs, fmt.Errorf("%s: method %q: want one of %v", at, m, knownMethods))
 			}
+		}
+		if err := (Table{Routes: []Route{r}}).buildable(); err != nil && strings.HasPrefix(r.Path, "/") {
+			errs = append(errs, fmt.Errorf("%s: path %q: %w", at, r.Path, err))
+		}
+	}
+	if len(errs) == 0 {
+		if err := t.buildable(); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	for name, b := range backends {
@@ -162,12 +170,45 @@ func (b Backend) HeaderTimeout() time.Duration {
 	return b.ResponseHeaderTimeout.D()
 }
 
+// knownMethods are the methods routes may name.
+var knownMethods = []string{
+	http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut,
+	http.MethodPatch, http.MethodDelete, http.MethodOptions,
+}
+
+// buildable reports, as an error, a table the router cannot be built from
+// (chi panics on malformed patterns), so a bad file is rejected instead of
+// crashing the process.
+func (t Table) buildable() (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("not a valid route pattern: %v", p)
+		}
+	}()
+	t.Mux(func(Route) http.Handler { return http.NotFoundHandler() }, http.NotFound, http.NotFound)
+	return nil
+}
+
 // Mux builds a router for the table: each route's handler comes from
-// handler; unknown paths and methods get notFound and methodNotAllowed.
+// handler; unknown paths get notFound, and known paths with another method
+// get methodNotAllowed with the Allow header set. Validate the table first.
 func (t Table) Mux(handler func(Route) http.Handler, notFound, methodNotAllowed http.HandlerFunc) *chi.Mux {
 	mux := chi.NewMux()
 	mux.NotFound(notFound)
-	mux.MethodNotAllowed(methodNotAllowed)
+	mux.MethodNotAllowed(func(w http.ResponseWriter, r *http.Request) {
+		path := r.URL.RawPath
+		if path == "" {
+			path = r.URL.Path
+		}
+		var allowed []string
+		for _, m := range knownMethods {
+			if mux.Match(chi.NewRouteContext(), m, path) {
+				allowed = append(allowed, m)
+			}
+		}
+		w.Header().Set("Allow", strings.Join(allowed, ", "))
+		methodNotAllowed(w, r)
+	})
 	for _, r := range t.Routes {
 		h := handler(r)
 		if len(r.Methods) == 0 {

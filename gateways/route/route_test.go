@@ -68,8 +68,8 @@ func TestTableValidate(t *testing.T) {
 			r.Feature, r.FeatureHeader = "", "X-Gitlab-Unit-Primitive"
 		}), wantErr: "needs the allowed features"},
 		{name: "bad fail mode", routes: with(func(r *route.Route) { r.BudgetFailMode = "sometimes" }), wantErr: "budget_fail_mode"},
-		{name: "lower-case method", routes: with(func(r *route.Route) { r.Methods = []string{"post"} }), wantErr: "must be upper case"},
-		{name: "empty method", routes: with(func(r *route.Route) { r.Methods = []string{""} }), wantErr: "must be upper case"},
+		{name: "lower-case method", routes: with(func(r *route.Route) { r.Methods = []string{"post"} }), wantErr: "want one of"},
+		{name: "empty method", routes: with(func(r *route.Route) { r.Methods = []string{""} }), wantErr: "want one of"},
 		{name: "backend without scheme", routes: []route.Route{validRoute()},
 			backends: map[string]route.Backend{"ai_gateway": {URL: "ai-gateway:5052", Audience: "a"}}, wantErr: "absolute http(s) URL"},
 		{name: "backend ftp", routes: []route.Route{validRoute()},
@@ -111,7 +111,7 @@ func TestTableValidateReportsEveryProblem(t *testing.T) {
 	if err == nil {
 		t.Fatal("Validate: nil")
 	}
-	for _, want := range []string{"name is required", "must start with /", "unknown backend", "feature or feature_header", "budget_fail_mode", "upper case"} {
+	for _, want := range []string{"name is required", "must start with /", "unknown backend", "feature or feature_header", "budget_fail_mode", "want one of"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("Validate error lacks %q:\n%v", want, err)
 		}
@@ -125,9 +125,6 @@ func TestTableValidateReportsEveryProblem(t *testing.T) {
 // instead of being rejected.
 func TestTableValidateRejectsWhatMuxCannotBuild(t *testing.T) {
 	t.Parallel()
-	t.Skip("BUG: route/route.go Table.Validate accepts paths and methods chi's Mux panics on " +
-		`(unclosed "{id", "*" not last, duplicate param, bad regexp, unknown method "PURGE"); ` +
-		"gateway.New panics and a hot reload (gateway.go watchRoutes -> install -> Table.Mux) crashes the process")
 	for _, r := range []route.Route{
 		func() route.Route { r := validRoute(); r.Path = "/v1/prompts/{id"; return r }(),
 		func() route.Route { r := validRoute(); r.Path = "/v1/*/x"; return r }(),
