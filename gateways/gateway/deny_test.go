@@ -216,22 +216,33 @@ func usedUnits(tb testing.TB, e *env, subject string) int64 {
 	return used
 }
 
-// TestBudgetUnavailable: a budget the limiter cannot enforce is handled by
-// the route's fail mode.
+// TestBudgetUnavailable: when the budget store cannot be reached the
+// route's fail mode decides; a budget the limiter cannot enforce is the
+// decision service's bug and is refused on every route.
 func TestBudgetUnavailable(t *testing.T) {
 	t.Parallel()
 	e := setup(t, options{})
 	bad := allowed(time.Minute, 10)
 	bad.Budget.Window = durationpb.New(1500 * time.Millisecond) // not whole seconds
 	e.fake.set("bad", bad)
-
-	r := e.post(t, "/v2/code/completions", "bad")
-	wantJSON(t, r, 503, map[string]any{"detail": "Service temporarily unavailable"})
-	if got := r.header.Get("Retry-After"); got != "5" {
-		t.Errorf("Retry-After = %q; want 5", got)
+	for _, path := range []string{"/v2/code/completions", "/v1/open"} {
+		r := e.post(t, path, "bad")
+		wantJSON(t, r, 503, map[string]any{"detail": "Service temporarily unavailable"})
+		if got := r.header.Get("Retry-After"); got != "5" {
+			t.Errorf("Retry-After = %q; want 5", got)
+		}
 	}
-	if r := e.post(t, "/v1/open", "bad"); r.status != 200 {
-		t.Errorf("fail-open route: status %d; want 200", r.status)
+
+	// The budget store goes away before any lease was taken.
+	if _, err := e.pool(t).Exec(context.Background(), `ALTER TABLE budget_counters RENAME TO budget_counters_gone`); err != nil {
+		t.Fatal(err)
+	}
+	e.fake.set("ok", allowed(time.Minute, 10))
+	if r := e.post(t, "/v2/code/completions", "ok"); r.status != 503 {
+		t.Errorf("fail-closed route with the store down: status %d; want 503", r.status)
+	}
+	if r := e.post(t, "/v1/open", "ok"); r.status != 200 {
+		t.Errorf("fail-open route with the store down: status %d; want 200", r.status)
 	}
 }
 

@@ -46,6 +46,7 @@ type Gateway struct {
 	metrics   *metrics
 
 	proc          *server.Process
+	sessions      *sessions
 	ln, adminLn   net.Listener
 	bgCtx         context.Context
 	cancel        context.CancelFunc
@@ -62,7 +63,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, fmt.Errorf("gateway config: %w", err)
 	}
 	logger = logger.With("gateway", cfg.Name)
-	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}}
+	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}, sessions: newSessions()}
 	g.bgCtx, g.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -133,6 +134,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !g.hostMounted(r.Host) {
 		var ok bool
 		if path, ok = route.StripPrefix(path, g.cfg.Prefix); !ok || (g.cfg.Prefix == "" && len(g.cfg.Hosts) > 0) {
+			g.metrics.observe("", http.StatusNotFound, time.Now())
 			detail(http.StatusNotFound, grpcUnimplemented, msgNotFound).write(w, r)
 			return
 		}
@@ -164,7 +166,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 		go func() { defer g.bg.Done(); g.watchRoutes(g.bgCtx) }()
 	}
 
-	errs := []error{g.proc.Run(ctx, nil)}
+	var drainDeadline time.Time
+	errs := []error{g.proc.Run(ctx, func() { drainDeadline = time.Now().Add(g.cfg.ShutdownDrain.D()) })}
+	// The public server has drained its requests; upgraded sessions get the
+	// rest of the drain window.
+	g.sessions.drain(drainDeadline)
 
 	// Traffic has stopped: hand back what this replica holds, then write
 	// what it recorded.
@@ -294,8 +300,9 @@ func newMetrics(reg prometheus.Registerer, gateway string) *metrics {
 			Help: "Requests refused by the gateway, by route, status and reason.",
 		}, []string{"gateway", "route", "code", "reason"}),
 		routeReloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "cloudconnector_gateway_route_reloads_total",
-			Help: "Route table reloads by result (ok, rejected).",
+			Name:        "cloudconnector_gateway_route_reloads_total",
+			Help:        "Route table reloads by result (ok, rejected).",
+			ConstLabels: prometheus.Labels{"gateway": gateway},
 		}, []string{"result"}),
 	}
 	reg.MustRegister(m.requests, m.duration, m.denials, m.routeReloads)

@@ -2,8 +2,10 @@ package gateway
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 	"unicode"
 
@@ -39,8 +41,12 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 
 	if rt.Public {
 		rec := &recorder{ResponseWriter: w}
-		g.forward(ctx, rt, b, rec, r)
-		g.metrics.observe(rt.Name, statusOf(rec, up), start)
+		defer g.finish(rt, rec, up, r, start, nil, nil)
+		g.forward(ctx, rt, b, rec, r, up)
+		return
+	}
+	if h := duplicated(r, rt); h != "" {
+		g.deny(w, r, rt, "duplicate_header", detail(http.StatusBadRequest, grpcInvalidArgument, "Duplicate "+h+" header"), start)
 		return
 	}
 
@@ -94,7 +100,7 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		Bucket: d.Budget.Bucket, Limit: d.Budget.Limit, Window: d.Budget.Window, Unit: d.Budget.Unit,
 	})
 	switch {
-	case err != nil && rt.FailMode() == route.FailOpen:
+	case err != nil && rt.FailMode() == route.FailOpen && !errors.Is(err, budget.ErrInvalidSpec):
 		g.logger.Warn("budget unavailable; failing open", "error", err, "route", rt.Name, "request_id", reqID)
 	case err != nil:
 		g.logger.Warn("budget unavailable; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
@@ -128,15 +134,11 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = body
 	}
-	g.forward(ctx, rt, b, rec, r)
-	status := statusOf(rec, up)
-	g.metrics.observe(rt.Name, status, start)
-
 	userID := s.GlobalUserID
 	if userID == "" {
 		userID = r.Header.Get(hdrGitLabUser)
 	}
-	g.usage.Record(usage.Event{
+	defer g.finish(rt, rec, up, r, start, body, &usage.Event{
 		ID:             eventID(),
 		OccurredAt:     start.UTC(),
 		OrganizationID: s.OrganizationID,
@@ -147,19 +149,67 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		Gateway:        g.cfg.Name,
 		Route:          rt.Name,
 		Method:         r.Method,
-		Status:         status,
-		Duration:       time.Since(start),
-		RequestBytes:   body.n,
-		ResponseBytes:  rec.bytes,
-		Units:          up.units,
 		RequestID:      reqID,
 		GitLabVersion:  r.Header.Get(hdrGitLabVersion),
 		ClientType:     r.Header.Get(hdrClientType),
 	})
+	g.forward(ctx, rt, b, rec, r, up)
 }
 
-// forward proxies r to b within the route's limits.
-func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w http.ResponseWriter, r *http.Request) {
+// finish measures a proxied request and records its usage event. It runs
+// deferred, so it also runs when the proxy aborts a response cut short
+// mid-stream (http.ErrAbortHandler): such a request used the backend and
+// is metered; the abort then continues, closing the client connection.
+func (g *Gateway) finish(rt route.Route, rec *recorder, up *upstream, r *http.Request, start time.Time, body *counter, ev *usage.Event) {
+	aborted := recover()
+	status := statusOf(rec, up)
+	if aborted != nil {
+		switch {
+		case r.Context().Err() != nil:
+			status = statusClientGoneAway
+		case up.failure != 0:
+			status = up.failure
+		default:
+			status = http.StatusBadGateway
+		}
+	}
+	g.metrics.observe(rt.Name, status, start)
+	if ev != nil {
+		ev.Status = status
+		ev.Duration = time.Since(start)
+		ev.RequestBytes = body.n + rec.received()
+		ev.ResponseBytes = rec.sent()
+		ev.Units = up.units
+		g.usage.Record(*ev)
+	}
+	if aborted != nil {
+		panic(aborted)
+	}
+}
+
+// identityHeaders are the request headers a decision depends on. A request
+// carrying one twice is refused: the gateway would authorize one value and
+// the backend might read another.
+var identityHeaders = []string{
+	"Authorization", hdrAuthType, hdrGitLabInst, hdrGitLabRealm, hdrGitLabUser, hdrGitLabVersion,
+	hdrClientType, hdrDeployment, hdrHostName,
+}
+
+func duplicated(r *http.Request, rt route.Route) string {
+	for _, h := range identityHeaders {
+		if len(r.Header.Values(h)) > 1 {
+			return h
+		}
+	}
+	if rt.FeatureHeader != "" && len(r.Header.Values(rt.FeatureHeader)) > 1 {
+		return rt.FeatureHeader
+	}
+	return ""
+}
+
+// forward proxies r to b within the route's limits. Upgraded connections
+// (WebSocket) are tracked so shutdown can drain, then cut, them.
+func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w http.ResponseWriter, r *http.Request, up *upstream) {
 	if limit := rt.BodyLimit(); limit > 0 && r.Body != nil {
 		r.Body = http.MaxBytesReader(w, r.Body, limit)
 	}
@@ -167,8 +217,43 @@ func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w htt
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, rt.Timeout.D())
 		defer cancel()
+		defer func() {
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) && up.failure == 0 {
+				up.failure = http.StatusGatewayTimeout
+			}
+		}()
+	}
+	if isUpgrade(r) {
+		done, ok := g.sessions.begin()
+		if !ok {
+			p := unavailable()
+			up.failure = p.status
+			p.write(w, r)
+			return
+		}
+		defer done()
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithCancel(ctx)
+		defer cancel()
+		defer context.AfterFunc(g.sessions.cut, cancel)()
 	}
 	b.proxy.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// isUpgrade reports a protocol-switch request: Upgrade set and "upgrade"
+// among the Connection header's tokens.
+func isUpgrade(r *http.Request) bool {
+	if r.Header.Get("Upgrade") == "" {
+		return false
+	}
+	for _, v := range r.Header.Values("Connection") {
+		for _, tok := range strings.Split(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 func (g *Gateway) deny(w http.ResponseWriter, r *http.Request, rt route.Route, reason string, p problem, start time.Time) {

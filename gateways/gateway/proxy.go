@@ -3,6 +3,7 @@ package gateway
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -95,7 +96,10 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 			}
 			pr.Out.Header.Del("X-Real-Ip")
 			for k := range pr.Out.Header {
-				if strings.HasPrefix(k, internalPrefix) {
+				// Underscore names are dropped, as nginx does: backends that
+				// fold "_" into "-" (WSGI, CGI) would read them as the
+				// identity headers the gateway authorized.
+				if strings.HasPrefix(k, internalPrefix) || strings.Contains(k, "_") {
 					delete(pr.Out.Header, k)
 				}
 			}
@@ -105,15 +109,12 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 		},
 		ModifyResponse: func(res *http.Response) error {
 			up := res.Request.Context().Value(upstreamKey{}).(*upstream)
-			if v := res.Header.Get(hdrUnits); v != "" {
-				if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
-					up.units = &n
-				}
-			}
-			for k := range res.Header {
-				if strings.HasPrefix(k, internalPrefix) {
-					delete(res.Header, k)
-				}
+			up.takeInternal(res.Header)
+			// The gateway already answered with its request id.
+			res.Header.Del(hdrRequestID)
+			if len(res.Trailer) > 0 {
+				up.takeInternal(res.Trailer)
+				res.Body = &trailerFilter{ReadCloser: res.Body, trailer: res.Trailer, up: up}
 			}
 			return nil
 		},
@@ -188,4 +189,35 @@ func peerTrusted(remoteAddr string, trusted []netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// takeInternal reads the units a backend reported and removes every
+// internal header from h, so none reaches the client.
+func (up *upstream) takeInternal(h http.Header) {
+	if v := h.Get(hdrUnits); v != "" {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+			up.units = &n
+		}
+	}
+	for k := range h {
+		if strings.HasPrefix(k, internalPrefix) {
+			delete(h, k)
+		}
+	}
+}
+
+// trailerFilter handles trailers once the body has been read (their
+// values arrive at its end), before the proxy copies them to the client.
+type trailerFilter struct {
+	io.ReadCloser
+	trailer http.Header
+	up      *upstream
+}
+
+func (f *trailerFilter) Read(p []byte) (int, error) {
+	n, err := f.ReadCloser.Read(p)
+	if err == io.EOF {
+		f.up.takeInternal(f.trailer)
+	}
+	return n, err
 }
