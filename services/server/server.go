@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"strings"
 	"time"
 
@@ -90,7 +91,7 @@ func NewRegistry() *prometheus.Registry {
 }
 
 // Admin serves /healthz (the process is up), /readyz (every check passes
-// within 2s; 503 with the failures otherwise) and /metrics.
+// within 2s; 503 with the failures otherwise), /metrics and /debug/pprof/.
 func Admin(reg *prometheus.Registry, checks ...Check) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
@@ -114,6 +115,10 @@ func Admin(reg *prometheus.Registry, checks ...Check) http.Handler {
 		json.NewEncoder(w).Encode(map[string]any{"status": "ready"})
 	})
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	// Profiles for SREs; the admin port is never exposed publicly.
+	mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	return mux
 }
 
