@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cloud-connector/cloud-connector/gateways/route"
@@ -77,7 +78,8 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 		b.closer = closers{h1, h2}
 	}
 	b.proxy = &httputil.ReverseProxy{
-		Transport: transport,
+		Transport:  transport,
+		BufferPool: copyBuffers,
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			up := pr.In.Context().Value(upstreamKey{}).(*upstream)
 			pr.Out.URL.Path, pr.Out.URL.RawPath = unescape(up.path), up.path
@@ -221,3 +223,12 @@ func (f *trailerFilter) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// copyBuffers recycles the proxy's body copy buffers; without a pool every
+// response allocates a fresh 32 KiB buffer.
+var copyBuffers = &bufferPool{pool: sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}}
+
+type bufferPool struct{ pool sync.Pool }
+
+func (p *bufferPool) Get() []byte  { return *p.pool.Get().(*[]byte) }
+func (p *bufferPool) Put(b []byte) { p.pool.Put(&b) }
