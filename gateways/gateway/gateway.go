@@ -47,7 +47,6 @@ type Gateway struct {
 
 	proc          *server.Process
 	sessions      *sessions
-	ln, adminLn   net.Listener
 	bgCtx         context.Context
 	cancel        context.CancelFunc
 	bg            sync.WaitGroup
@@ -100,27 +99,21 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, err
 	}
 
-	if g.ln, err = server.Listen(cfg.Listen); err != nil {
-		return nil, err
-	}
-	if g.adminLn, err = server.Listen(cfg.AdminListen); err != nil {
-		return nil, err
-	}
-	g.proc = &server.Process{PublicLn: g.ln, AdminLn: g.adminLn, Drain: cfg.ShutdownDrain.D()}
-	g.proc.Public = server.New(g, true, logger)
-	g.proc.Admin = server.New(server.Admin(reg,
-		server.Check{Name: "shutdown", Fn: g.proc.Ready},
+	g.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), g, reg, logger,
 		server.Check{Name: "database", Fn: g.pool.Ping},
 		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, g.pool) }},
-	), false, logger)
+	)
+	if err != nil {
+		return nil, err
+	}
 	return g, nil
 }
 
 // Addr is the public listening address.
-func (g *Gateway) Addr() string { return g.ln.Addr().String() }
+func (g *Gateway) Addr() string { return g.proc.Addr() }
 
 // AdminAddr is the admin listening address.
-func (g *Gateway) AdminAddr() string { return g.adminLn.Addr().String() }
+func (g *Gateway) AdminAddr() string { return g.proc.AdminAddr() }
 
 // ServeHTTP normalizes the path, applies host or prefix mounting and routes
 // the request.
@@ -198,10 +191,8 @@ func (g *Gateway) closeResources() {
 	if g.pool != nil {
 		g.pool.Close()
 	}
-	for _, ln := range []net.Listener{g.ln, g.adminLn} {
-		if ln != nil {
-			ln.Close()
-		}
+	if g.proc != nil {
+		g.proc.Close()
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"time"
 
@@ -85,16 +84,14 @@ func (c Config) validate() error {
 
 // Server is a running decision service.
 type Server struct {
-	cfg     Config
-	logger  *slog.Logger
-	pool    *pgxpool.Pool
-	engine  *opa.Engine
-	health  *grpchealth.StaticChecker
-	proc    *server.Process
-	ln      net.Listener
-	adminLn net.Listener
-	cancel  context.CancelFunc
-	bgCtx   context.Context
+	cfg    Config
+	logger *slog.Logger
+	pool   *pgxpool.Pool
+	engine *opa.Engine
+	health *grpchealth.StaticChecker
+	proc   *server.Process
+	cancel context.CancelFunc
+	bgCtx  context.Context
 }
 
 // New builds the service and opens its listeners; Run serves. Background
@@ -154,27 +151,21 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 	reflector := grpcreflect.NewStaticReflector(authzv1connect.AuthorizationServiceName, grpchealth.HealthV1ServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
-	if s.ln, err = server.Listen(cfg.Listen); err != nil {
-		return nil, err
-	}
-	if s.adminLn, err = server.Listen(cfg.AdminListen); err != nil {
-		return nil, err
-	}
-	s.proc = &server.Process{PublicLn: s.ln, AdminLn: s.adminLn, Drain: cfg.ShutdownDrain.D()}
-	s.proc.Public = server.New(mux, true, logger)
-	s.proc.Admin = server.New(server.Admin(reg,
-		server.Check{Name: "shutdown", Fn: s.proc.Ready},
+	s.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), mux, reg, logger,
 		server.Check{Name: "database", Fn: s.pool.Ping},
 		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, s.pool) }},
-	), false, logger)
+	)
+	if err != nil {
+		return nil, err
+	}
 	return s, nil
 }
 
 // Addr is the Authorize API's listening address.
-func (s *Server) Addr() string { return s.ln.Addr().String() }
+func (s *Server) Addr() string { return s.proc.Addr() }
 
 // AdminAddr is the admin port's listening address.
-func (s *Server) AdminAddr() string { return s.adminLn.Addr().String() }
+func (s *Server) AdminAddr() string { return s.proc.AdminAddr() }
 
 // Run serves until ctx is done, then drains in-flight calls and releases
 // every resource.
@@ -196,10 +187,8 @@ func (s *Server) close() {
 	if s.pool != nil {
 		s.pool.Close()
 	}
-	for _, ln := range []net.Listener{s.ln, s.adminLn} {
-		if ln != nil {
-			ln.Close()
-		}
+	if s.proc != nil {
+		s.proc.Close()
 	}
 }
 

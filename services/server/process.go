@@ -3,10 +3,13 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net"
 	"net/http"
 	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Process runs a public server and its admin server through a graceful
@@ -24,6 +27,38 @@ type Process struct {
 	DrainDelay time.Duration
 
 	draining atomic.Bool
+}
+
+// NewProcess opens the public and admin listeners and builds the servers:
+// the public one serves h over HTTP/1.1 and HTTP/2 cleartext, the admin one
+// serves Admin(reg, ...) whose readiness fails once shutdown begins, then
+// runs checks. Close releases the listeners of a process that never runs.
+func NewProcess(listen, adminListen string, drain time.Duration, h http.Handler, reg *prometheus.Registry,
+	logger *slog.Logger, checks ...Check) (*Process, error) {
+	ln, err := Listen(listen)
+	if err != nil {
+		return nil, err
+	}
+	adminLn, err := Listen(adminListen)
+	if err != nil {
+		ln.Close()
+		return nil, err
+	}
+	p := &Process{PublicLn: ln, AdminLn: adminLn, Drain: drain, Public: New(h, true, logger)}
+	p.Admin = New(Admin(reg, append([]Check{{Name: "shutdown", Fn: p.Ready}}, checks...)...), false, logger)
+	return p, nil
+}
+
+// Addr is the public listening address.
+func (p *Process) Addr() string { return p.PublicLn.Addr().String() }
+
+// AdminAddr is the admin listening address.
+func (p *Process) AdminAddr() string { return p.AdminLn.Addr().String() }
+
+// Close closes both listeners; Run does so itself.
+func (p *Process) Close() {
+	p.PublicLn.Close()
+	p.AdminLn.Close()
 }
 
 // Ready is a readiness check that fails once shutdown has begun.
