@@ -22,51 +22,11 @@ import (
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
 )
 
-// Outcome mirrors the service's outcome.
-type Outcome int
-
-// Outcomes.
-const (
-	Allow Outcome = iota + 1
-	Unauthenticated
-	Forbidden
-)
-
-// BudgetKind says how a spent budget is reported.
-type BudgetKind int
-
-// Budget kinds.
-const (
-	Rate BudgetKind = iota + 1
-	Quota
-)
-
-// Budget is what the subject may spend per window.
-type Budget struct {
-	Bucket string
-	Limit  int64
-	Window time.Duration
-	Unit   string
-	Kind   BudgetKind
-}
-
-// Subject is who the request is metered against.
-type Subject struct {
-	OrganizationID string
-	InstanceID     string
-	Realm          string
-	GlobalUserID   string
-	Plan           string
-}
-
-// Decision is the service's answer.
+// Decision is the service's answer, normalized to fail closed, and whether
+// it came from the cache. Cached answers are shared: callers must not
+// modify them.
 type Decision struct {
-	Outcome Outcome
-	Reason  string
-	Message string
-	Budget  *Budget
-	Subject Subject
-	// Cached reports whether the answer came from the cache.
+	*authzv1.AuthorizeResponse
 	Cached bool
 }
 
@@ -178,8 +138,8 @@ func (c *Client) Decide(ctx context.Context, req *authzv1.AuthorizeRequest) (Dec
 		if err != nil {
 			return nil, err
 		}
-		d, ttl := fromProto(res.Msg, req.GetFeature())
-		if ttl = min(ttl, c.cfg.MaxTTL); ttl > 0 {
+		d := Decision{AuthorizeResponse: failClosed(res.Msg, req.GetFeature())}
+		if ttl := min(d.GetCacheTtl().AsDuration(), c.cfg.MaxTTL); ttl > 0 {
 			c.cache.Add(key, entry{d: d, expires: c.cfg.Now().Add(ttl)})
 		}
 		return d, nil
@@ -213,33 +173,18 @@ func cacheKey(req *authzv1.AuthorizeRequest) [32]byte {
 	return key
 }
 
-func fromProto(m *authzv1.AuthorizeResponse, feature string) (Decision, time.Duration) {
-	d := Decision{Reason: m.GetReason(), Message: m.GetMessage()}
+// failClosed turns anything but a well-formed allow or refusal into a
+// refusal: an outcome this gateway does not know, or an allow without a
+// budget (which would otherwise be proxied unmetered).
+func failClosed(m *authzv1.AuthorizeResponse, feature string) *authzv1.AuthorizeResponse {
 	switch m.GetOutcome() {
+	case authzv1.Outcome_OUTCOME_UNAUTHENTICATED, authzv1.Outcome_OUTCOME_FORBIDDEN:
 	case authzv1.Outcome_OUTCOME_ALLOW:
-		d.Outcome = Allow
-	case authzv1.Outcome_OUTCOME_UNAUTHENTICATED:
-		d.Outcome = Unauthenticated
+		if m.GetBudget() == nil {
+			m.Outcome, m.Reason, m.Message = authzv1.Outcome_OUTCOME_FORBIDDEN, "no_budget", "Unauthorized to access "+feature
+		}
 	default:
-		// Anything unknown is a refusal: fail closed.
-		d.Outcome = Forbidden
+		m.Outcome = authzv1.Outcome_OUTCOME_FORBIDDEN
 	}
-	if s := m.GetSubject(); s != nil {
-		d.Subject = Subject{
-			OrganizationID: s.GetOrganizationId(), InstanceID: s.GetInstanceId(), Realm: s.GetRealm(),
-			GlobalUserID: s.GetGlobalUserId(), Plan: s.GetPlan(),
-		}
-	}
-	if b := m.GetBudget(); b != nil {
-		d.Budget = &Budget{Bucket: b.GetBucket(), Limit: b.GetLimit(), Window: b.GetWindow().AsDuration(), Unit: b.GetUnit(), Kind: Rate}
-		if b.GetKind() == authzv1.BudgetKind_BUDGET_KIND_QUOTA {
-			d.Budget.Kind = Quota
-		}
-	}
-	if d.Outcome == Allow && d.Budget == nil {
-		// The service never allows without a budget; if it did, refuse
-		// rather than proxy unmetered.
-		d.Outcome, d.Reason, d.Message = Forbidden, "no_budget", "Unauthorized to access "+feature
-	}
-	return d, m.GetCacheTtl().AsDuration()
+	return m
 }

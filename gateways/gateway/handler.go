@@ -12,7 +12,6 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/cloud-connector/cloud-connector/gateways/budget"
-	"github.com/cloud-connector/cloud-connector/gateways/decisions"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/usage"
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
@@ -83,21 +82,22 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		g.deny(w, r, rt, "decision_unavailable", unavailable(), start)
 		return
 	}
-	switch d.Outcome {
-	case decisions.Unauthenticated:
-		g.deny(w, r, rt, d.Reason, unauthenticated(d.Message), start)
+	switch d.GetOutcome() {
+	case authzv1.Outcome_OUTCOME_UNAUTHENTICATED:
+		g.deny(w, r, rt, d.GetReason(), unauthenticated(d.GetMessage()), start)
 		return
-	case decisions.Forbidden:
-		g.deny(w, r, rt, d.Reason, forbidden(d.Message), start)
+	case authzv1.Outcome_OUTCOME_FORBIDDEN:
+		g.deny(w, r, rt, d.GetReason(), forbidden(d.GetMessage()), start)
 		return
 	}
 
-	subject := d.Subject.OrganizationID
+	s, bud := d.GetSubject(), d.GetBudget()
+	subject := s.GetOrganizationId()
 	if subject == "" {
-		subject = "instance:" + d.Subject.InstanceID
+		subject = "instance:" + s.GetInstanceId()
 	}
 	out, err := g.budget.Take(ctx, subject, budget.Spec{
-		Bucket: d.Budget.Bucket, Limit: d.Budget.Limit, Window: d.Budget.Window, Unit: d.Budget.Unit,
+		Bucket: bud.GetBucket(), Limit: bud.GetLimit(), Window: bud.GetWindow().AsDuration(), Unit: bud.GetUnit(),
 	})
 	switch {
 	case err != nil && rt.FailMode() == route.FailOpen && !errors.Is(err, budget.ErrInvalidSpec):
@@ -114,7 +114,7 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		h.Set("RateLimit-Limit", strconv.FormatInt(out.Limit, 10))
 		h.Set("RateLimit-Remaining", "0")
 		h.Set("RateLimit-Reset", strconv.Itoa(int(retry/time.Second)))
-		if d.Budget.Kind == decisions.Quota {
+		if bud.GetKind() == authzv1.BudgetKind_BUDGET_KIND_QUOTA {
 			g.deny(w, r, rt, "quota_exceeded", quotaExceeded(feature, out.Reset), start)
 		} else {
 			g.deny(w, r, rt, "rate_limited", tooManyRequests(), start)
@@ -122,11 +122,10 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		return
 	}
 
-	s := d.Subject
-	up.headers.Set(hdrOrganizationID, s.OrganizationID)
-	up.headers.Set(hdrInstanceID, s.InstanceID)
-	up.headers.Set(hdrRealm, s.Realm)
-	up.headers.Set(hdrPlan, s.Plan)
+	up.headers.Set(hdrOrganizationID, s.GetOrganizationId())
+	up.headers.Set(hdrInstanceID, s.GetInstanceId())
+	up.headers.Set(hdrRealm, s.GetRealm())
+	up.headers.Set(hdrPlan, s.GetPlan())
 	up.headers.Set(hdrFeature, feature)
 
 	rec := &recorder{ResponseWriter: w}
@@ -134,16 +133,16 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	if r.Body != nil && r.Body != http.NoBody {
 		r.Body = body
 	}
-	userID := s.GlobalUserID
+	userID := s.GetGlobalUserId()
 	if userID == "" {
 		userID = r.Header.Get(hdrGitLabUser)
 	}
 	defer g.finish(rt, rec, up, r, start, body, &usage.Event{
 		ID:             eventID(),
 		OccurredAt:     start.UTC(),
-		OrganizationID: s.OrganizationID,
-		InstanceID:     s.InstanceID,
-		Realm:          s.Realm,
+		OrganizationID: s.GetOrganizationId(),
+		InstanceID:     s.GetInstanceId(),
+		Realm:          s.GetRealm(),
 		GlobalUserID:   userID,
 		Feature:        feature,
 		Gateway:        g.cfg.Name,
