@@ -100,6 +100,10 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		Bucket: bud.GetBucket(), Limit: bud.GetLimit(), Window: bud.GetWindow().AsDuration(), Unit: bud.GetUnit(),
 	})
 	switch {
+	case err != nil && r.Context().Err() != nil:
+		// The client went away while the budget was asked; nothing to answer.
+		g.metrics.observe(rt.Name, statusClientGoneAway, start)
+		return
 	case err != nil && rt.FailMode() == route.FailOpen && !errors.Is(err, budget.ErrInvalidSpec):
 		g.logger.Warn("budget unavailable; failing open", "error", err, "route", rt.Name, "request_id", reqID)
 	case err != nil:
