@@ -196,7 +196,8 @@ func (g *Gateway) closeResources() {
 	}
 }
 
-// loadRoutes reads and validates the route table.
+// loadRoutes returns the validated route table: the built-in one, or the
+// routes file's with the hash of its content.
 func (g *Gateway) loadRoutes() (route.Table, [32]byte, error) {
 	if g.cfg.RoutesFile == "" {
 		if err := g.cfg.Routes.Validate(g.cfg.Backends); err != nil {
@@ -208,14 +209,19 @@ func (g *Gateway) loadRoutes() (route.Table, [32]byte, error) {
 	if err != nil {
 		return route.Table{}, [32]byte{}, fmt.Errorf("read routes: %w", err)
 	}
+	t, err := g.parseRoutes(b)
+	return t, sha256.Sum256(b), err
+}
+
+func (g *Gateway) parseRoutes(b []byte) (route.Table, error) {
 	var t route.Table
-	if err := config.Load(g.cfg.RoutesFile, &t); err != nil {
-		return route.Table{}, [32]byte{}, err
+	if err := config.Parse(g.cfg.RoutesFile, b, &t); err != nil {
+		return route.Table{}, err
 	}
 	if err := t.Validate(g.cfg.Backends); err != nil {
-		return route.Table{}, [32]byte{}, err
+		return route.Table{}, err
 	}
-	return t, sha256.Sum256(b), nil
+	return t, nil
 }
 
 // install swaps in a router for t.
@@ -251,14 +257,15 @@ func (g *Gateway) watchRoutes(ctx context.Context) {
 			g.logger.Error("read routes; keeping current", "error", err)
 			continue
 		}
-		if sha256.Sum256(b) == g.routesSum {
+		sum := sha256.Sum256(b)
+		if sum == g.routesSum {
 			continue
 		}
-		table, sum, err := g.loadRoutes()
+		table, err := g.parseRoutes(b)
 		if err != nil {
 			g.metrics.routeReloads.WithLabelValues("rejected").Inc()
 			g.logger.Error("route table rejected; keeping current", "error", err)
-			g.routesSum = sha256.Sum256(b) // do not log the same bad file every tick
+			g.routesSum = sum // do not log the same bad file every tick
 			continue
 		}
 		g.install(table, sum)

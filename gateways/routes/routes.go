@@ -6,9 +6,8 @@ import (
 	"embed"
 	"fmt"
 
-	"sigs.k8s.io/yaml"
-
 	"github.com/cloud-connector/cloud-connector/gateways/route"
+	"github.com/cloud-connector/cloud-connector/services/config"
 )
 
 //go:embed *.yaml
@@ -21,8 +20,8 @@ func Default(gateway string) (route.Table, error) {
 		return route.Table{}, fmt.Errorf("no built-in routes for gateway %q", gateway)
 	}
 	var t route.Table
-	if err := yaml.UnmarshalStrict(b, &t); err != nil {
-		return route.Table{}, fmt.Errorf("built-in routes %s: %w", gateway, err)
+	if err := config.Parse("built-in routes "+gateway, b, &t); err != nil {
+		return route.Table{}, err
 	}
 	return t, nil
 }

@@ -51,7 +51,7 @@ func (h *Handler) Authorize(ctx context.Context, req *connect.Request[authzv1.Au
 	if err != nil {
 		return nil, h.rpcError(ctx, err, f.GetRequestId())
 	}
-	return connect.NewResponse(ToProto(d)), nil
+	return connect.NewResponse(toProto(d)), nil
 }
 
 func (h *Handler) rpcError(ctx context.Context, err error, requestID string) error {
@@ -71,8 +71,8 @@ func (h *Handler) rpcError(ctx context.Context, err error, requestID string) err
 	}
 }
 
-// ToProto converts a Decision to its wire form.
-func ToProto(d Decision) *authzv1.AuthorizeResponse {
+// toProto converts a Decision to its wire form.
+func toProto(d Decision) *authzv1.AuthorizeResponse {
 	res := &authzv1.AuthorizeResponse{
 		Reason:         d.Reason,
 		Message:        d.Message,

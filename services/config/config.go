@@ -17,8 +17,13 @@ func Load(path string, v any) error {
 	if err != nil {
 		return fmt.Errorf("read config: %w", err)
 	}
+	return Parse(path, b, v)
+}
+
+// Parse reads YAML (or JSON) b, named name in errors, into v, strictly.
+func Parse(name string, b []byte, v any) error {
 	if err := yaml.UnmarshalStrict(b, v); err != nil {
-		return fmt.Errorf("parse config %s: %w", path, err)
+		return fmt.Errorf("parse %s: %w", name, err)
 	}
 	return nil
 }

@@ -82,7 +82,11 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Engine, error) 
 	if cfg.Registerer != nil {
 		cfg.Registerer.MustRegister(e.reloads)
 	}
-	c, err := compile(ctx, e.source)
+	fp, err := fingerprint(e.source)
+	if err != nil {
+		return nil, err
+	}
+	c, err := compile(ctx, e.source, fp)
 	if err != nil {
 		return nil, err
 	}
@@ -128,7 +132,7 @@ func (e *Engine) Reload(ctx context.Context) error {
 	if fp == e.current.Load().fingerprint {
 		return nil
 	}
-	c, err := compile(ctx, e.source)
+	c, err := compile(ctx, e.source, fp)
 	if err != nil {
 		e.reloads.WithLabelValues("rejected").Inc()
 		return err
@@ -265,13 +269,9 @@ func number(v any) (int64, error) {
 	return n.Int64()
 }
 
-// compile loads fsys, compiles it with the decision query prepared, and runs
-// its tests.
-func compile(ctx context.Context, fsys fs.FS) (*compiled, error) {
-	fp, err := fingerprint(fsys)
-	if err != nil {
-		return nil, err
-	}
+// compile loads fsys (whose fingerprint is fp), compiles it with the
+// decision query prepared, and runs its tests.
+func compile(ctx context.Context, fsys fs.FS, fp string) (*compiled, error) {
 	res, err := load(fsys)
 	if err != nil {
 		return nil, err
