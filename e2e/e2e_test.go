@@ -15,6 +15,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 
 	"github.com/cloud-connector/cloud-connector/services/authz"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
 )
 
@@ -293,7 +294,7 @@ func TestBudgetAcrossGateways(t *testing.T) {
 		"code_suggestions": "{limit: 25, window_seconds: 3600, unit: request, kind: rate}",
 	}})
 	replica := s.startGateway(t, "ai", "/ai", s.aiBackends)
-	waitHealthy(t, replica.AdminAddr())
+	servertest.WaitHealthy(t, replica.AdminAddr())
 	h := gitlabHeaders(s.mint(t, tokentest.Claims{}))
 	var allowed atomic.Int32
 	var wg sync.WaitGroup

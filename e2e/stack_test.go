@@ -14,7 +14,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 
@@ -26,6 +25,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/authz"
 	"github.com/cloud-connector/cloud-connector/services/decision"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 	"github.com/cloud-connector/cloud-connector/services/token"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
 )
@@ -108,7 +108,7 @@ func setup(t *testing.T, opts options) *stack {
 	s.cicd = s.startGateway(t, "cicd", "/cicd", map[string]route.Backend{
 		"cicd_service": {URL: s.backend.srv.URL, Audience: "gitlab-cicd"},
 	})
-	waitHealthy(t, s.decision.AdminAddr(), s.ai.AdminAddr(), s.cicd.AdminAddr())
+	servertest.WaitHealthy(t, s.decision.AdminAddr(), s.ai.AdminAddr(), s.cicd.AdminAddr())
 	return s
 }
 
@@ -246,26 +246,6 @@ func readJSON(t testing.TB, res *http.Response) map[string]any {
 		t.Fatalf("decode %d response: %v", res.StatusCode, err)
 	}
 	return m
-}
-
-func waitHealthy(t *testing.T, addrs ...string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for _, a := range addrs {
-		for {
-			res, err := http.Get("http://" + a + "/healthz")
-			if err == nil {
-				res.Body.Close()
-				if res.StatusCode == http.StatusOK {
-					break
-				}
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("%s not healthy: %v", a, err)
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
 }
 
 // backend is a fake AI gateway / CI service. Streams can be held after

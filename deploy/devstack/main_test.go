@@ -1,34 +1,16 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"os/exec"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestPrintedCommandsWork starts the stack as README's first command does
 // and runs the curl commands it prints, exactly as printed, with bash.
@@ -44,7 +26,7 @@ func TestPrintedCommandsWork(t *testing.T) {
 	}
 	dbURL := pgtest.URL(t)
 	ctx, cancel := context.WithCancel(context.Background())
-	var stdout, stderr syncBuffer
+	var stdout, stderr servertest.Buffer
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"-addr", "127.0.0.1:0"}, func(k string) string {

@@ -28,6 +28,7 @@ import (
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
 	"github.com/cloud-connector/cloud-connector/services/config"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
 
 // Identity the fake decision service puts in the subject of its allows.
@@ -289,7 +290,7 @@ type env struct {
 
 func setup(tb testing.TB, o options) *env {
 	tb.Helper()
-	logs := &syncBuffer{}
+	logs := &servertest.Buffer{}
 	tb.Cleanup(func() {
 		if tb.Failed() {
 			tb.Logf("gateway logs:\n%s", logs)
@@ -588,21 +589,4 @@ func eventually(tb testing.TB, what string, cond func() bool) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

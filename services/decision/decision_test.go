@@ -29,6 +29,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/authz"
 	"github.com/cloud-connector/cloud-connector/services/decision"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 	"github.com/cloud-connector/cloud-connector/services/token"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
 )
@@ -115,27 +116,8 @@ func start(t testing.TB) service {
 		err:     &runErr,
 	}
 	t.Cleanup(svc.client.CloseIdleConnections)
-	waitHealthy(t, svc.admin+"/healthz")
+	servertest.WaitHealthy(t, strings.TrimPrefix(svc.admin, "http://"))
 	return svc
-}
-
-// waitHealthy polls url until it answers 200.
-func waitHealthy(t testing.TB, url string) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		res, err := http.Get(url)
-		if err == nil {
-			res.Body.Close()
-			if res.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s not healthy in time: %v", url, err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func get(t testing.TB, url string) (int, string) {
