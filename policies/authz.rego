@@ -114,12 +114,15 @@ free_access_note := sprintf("; free access ended %s", [feature.cut_off_date]) if
 else := "; no free access period"
 
 # gitlab_version is the numeric part of X-Gitlab-Version ("17.6.1-ee" -> "17.6.1"),
-# padded to major.minor.patch.
+# padded to major.minor.patch. Numbers with leading zeros ("016.0.0") are not
+# versions: semver.compare would fail on them and leave the version checks
+# undefined, which must never read as "no objection".
 gitlab_version := v if {
-	parts := regex.find_all_string_submatch_n(`^(\d+)\.(\d+)(?:\.(\d+))?`, input.request.gitlab_version, 1)
+	parts := regex.find_all_string_submatch_n(`^(0|[1-9]\d*)\.(0|[1-9]\d*)(?:\.(0|[1-9]\d*))?(?:$|[^\d.])`, input.request.gitlab_version, 1)
 	count(parts) == 1
 	m := parts[0]
 	v := sprintf("%s.%s.%s", [m[1], m[2], patch(m[3])])
+	semver.is_valid(v)
 }
 
 patch(p) := "0" if p == ""
@@ -142,6 +145,15 @@ switch_field("realm") := input.request.realm
 below_matches(s) if not s.gitlab_version_below
 
 below_matches(s) if semver.compare(gitlab_version, s.gitlab_version_below) < 0
+
+# A switch that turns off old GitLab versions also catches a request that
+# hides its version (no header, or not a version): switches protect the
+# service, so they fail closed. (min_gitlab_version, which protects old
+# clients from answers they cannot read, applies only when the header is sent.)
+below_matches(s) if {
+	s.gitlab_version_below
+	not gitlab_version
+}
 
 # --- Budget ---
 

@@ -120,6 +120,22 @@ test_gitlab_version_garbage if {
 	d.message == "Invalid X-Gitlab-Version header"
 }
 
+# Leading zeros are not versions; reading them as one must not skip the check.
+test_gitlab_version_leading_zeros_are_invalid if {
+	every v in ["016.0.0", "16.00.0", "16.7.09", "17.6.1.2", "17..6"] {
+		d := authz.decision with input as with_input({"request": object.union(base.request, {"gitlab_version": v})})
+		not d.allow
+		d.reason == "gitlab_version_invalid"
+	}
+}
+
+test_gitlab_version_suffixes_ok if {
+	every v in ["17.6.1-ee", "17.6.0-pre", "17.6 ee", "18.0.0"] {
+		d := authz.decision with input as with_input({"request": object.union(base.request, {"gitlab_version": v})})
+		d.allow
+	}
+}
+
 test_switch_disables_feature_for_realm if {
 	switches := {"disabled": [{"feature": "complete_code", "realm": "self-managed", "message": "Code Suggestions is paused"}]}
 	d := authz.decision with input as base with data.switches as switches
@@ -141,6 +157,20 @@ test_switch_by_version_range if {
 	d2 := authz.decision with input as with_input({"request": object.union(base.request, {"gitlab_version": "17.8.0"})})
 		with data.switches as switches
 	d2.allow
+}
+
+# A version switch protects the service: a request that hides its version
+# (none, or not a version) is caught by it too.
+test_switch_by_version_range_fails_closed if {
+	switches := {"disabled": [{"feature": "complete_code", "gitlab_version_below": "17.7.0"}]}
+	every v in ["", "016.0.0", "latest"] {
+		d := authz.decision with input as with_input({"request": object.union(base.request, {"gitlab_version": v})})
+			with data.switches as switches
+		not d.allow
+	}
+	d := authz.decision with input as with_input({"request": object.union(base.request, {"gitlab_version": ""})})
+		with data.switches as switches
+	d.reason == "feature_disabled"
 }
 
 test_organization_override_wins if {
