@@ -16,6 +16,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,6 +49,12 @@ type Engine struct {
 	logger  *slog.Logger
 	current atomic.Pointer[compiled]
 	reloads *prometheus.CounterVec
+
+	// reloadMu serialises Reload; rejected is the fingerprint of the last
+	// bundle that failed, so a broken bundle is compiled and reported once,
+	// not on every tick until someone fixes it.
+	reloadMu sync.Mutex
+	rejected string
 }
 
 type compiled struct {
@@ -61,8 +68,11 @@ var _ authz.Policy = (*Engine)(nil)
 // New loads, compiles and tests the configured bundle. It fails if the
 // bundle does not compile or any of its tests fails.
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Engine, error) {
-	if cfg.ReloadInterval == 0 {
+	switch {
+	case cfg.ReloadInterval == 0:
 		cfg.ReloadInterval = 5 * time.Second
+	case cfg.ReloadInterval < 0:
+		return nil, fmt.Errorf("policy reload interval %s: must be positive", cfg.ReloadInterval)
 	}
 	e := &Engine{
 		cfg:    cfg,
@@ -74,7 +84,11 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (*Engine, error) 
 		}, []string{"result"}),
 	}
 	if cfg.Dir != "" {
-		if st, err := os.Stat(cfg.Dir); err != nil || !st.IsDir() {
+		st, err := os.Stat(cfg.Dir)
+		if err != nil {
+			return nil, fmt.Errorf("policy dir: %w", err)
+		}
+		if !st.IsDir() {
 			return nil, fmt.Errorf("policy dir %q: not a directory", cfg.Dir)
 		}
 		e.source = os.DirFS(cfg.Dir)
@@ -123,20 +137,27 @@ func (e *Engine) Run(ctx context.Context) error {
 }
 
 // Reload loads the bundle again if its files changed and swaps it in when it
-// compiles and passes its tests.
+// compiles and passes its tests. A bundle already rejected is not tried (or
+// reported) again until its files change. Safe for concurrent use.
 func (e *Engine) Reload(ctx context.Context) error {
+	e.reloadMu.Lock()
+	defer e.reloadMu.Unlock()
 	fp, err := fingerprint(e.source)
 	if err != nil {
 		return err
 	}
-	if fp == e.current.Load().fingerprint {
+	if fp == e.current.Load().fingerprint || fp == e.rejected {
 		return nil
 	}
 	c, err := compile(ctx, e.source, fp)
 	if err != nil {
+		if ctx.Err() == nil {
+			e.rejected = fp
+		}
 		e.reloads.WithLabelValues("rejected").Inc()
 		return err
 	}
+	e.rejected = ""
 	old := e.current.Swap(c)
 	e.reloads.WithLabelValues("ok").Inc()
 	e.logger.Info("policy reloaded", "revision", c.revision, "previous", old.revision)

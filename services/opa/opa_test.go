@@ -2,13 +2,17 @@ package opa_test
 
 import (
 	"context"
+	"errors"
 	"io"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/cloud-connector/cloud-connector/policies"
 	"github.com/cloud-connector/cloud-connector/services/authz"
@@ -141,10 +145,91 @@ func TestReload(t *testing.T) {
 	}
 }
 
+// TestRejectedBundleReportedOnce checks that a broken bundle left in place
+// is compiled and reported once, not on every reload tick, and that fixing
+// it is picked up.
+func TestRejectedBundleReportedOnce(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	dir := writePolicy(t)
+	reg := prometheus.NewRegistry()
+	e, err := opa.New(ctx, opa.Config{Dir: dir, Registerer: reg}, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rejected := func() float64 {
+		return counterValue(t, reg, "cloudconnector_policy_reloads_total", "rejected")
+	}
+	rego := filepath.Join(dir, "authz.rego")
+	orig, err := os.ReadFile(rego)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(rego, append(orig, []byte("\nbroken := {\n")...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Reload(ctx); err == nil {
+		t.Fatal("broken policy accepted")
+	}
+	for range 3 {
+		if err := e.Reload(ctx); err != nil {
+			t.Fatalf("unchanged broken bundle reported again: %v", err)
+		}
+	}
+	if got := rejected(); got != 1 {
+		t.Fatalf("rejected reloads = %v, want 1", got)
+	}
+	// Fixing the file is noticed; breaking it the same way again is
+	// reported again.
+	if err := os.WriteFile(rego, append(orig, []byte("\n# fixed\n")...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rev := e.Revision()
+	if err := e.Reload(ctx); err != nil || e.Revision() == rev {
+		t.Fatalf("fixed bundle: %v, revision %s -> %s", err, rev, e.Revision())
+	}
+	if err := os.WriteFile(rego, append(orig, []byte("\nbroken := {\n")...), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Reload(ctx); err == nil {
+		t.Fatal("broken policy accepted after a good one")
+	}
+	if got := rejected(); got != 2 {
+		t.Fatalf("rejected reloads = %v, want 2", got)
+	}
+}
+
+// counterValue reads the child of the named counter vector whose label has
+// the given value, as gathered from reg (0 when absent).
+func counterValue(t *testing.T, reg *prometheus.Registry, name, label string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if lp.GetValue() == label {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
+}
+
 func TestNewRejectsInvalidDir(t *testing.T) {
 	t.Parallel()
-	if _, err := opa.New(context.Background(), opa.Config{Dir: filepath.Join(t.TempDir(), "missing")}, discard); err == nil {
-		t.Fatal("missing dir accepted")
+	_, err := opa.New(context.Background(), opa.Config{Dir: filepath.Join(t.TempDir(), "missing")}, discard)
+	if !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("missing dir: %v, want a not-exist error", err)
+	}
+	if _, err := opa.New(context.Background(), opa.Config{ReloadInterval: -time.Second}, discard); err == nil {
+		t.Fatal("negative reload interval accepted")
 	}
 	if _, err := opa.New(context.Background(), opa.Config{Dir: t.TempDir()}, discard); err == nil {
 		t.Fatal("empty dir accepted")
