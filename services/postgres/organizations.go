@@ -29,6 +29,10 @@ type OrganizationsConfig struct {
 	CacheTTL time.Duration
 	// CacheSize bounds the number of cached instances. Default 100_000.
 	CacheSize int
+	// QueryTimeout bounds one lookup query. Default 5s. The query is
+	// shared by every caller waiting on the same instance, so it runs
+	// under this timeout rather than under any one caller's context.
+	QueryTimeout time.Duration
 	// Registerer receives cache metrics; nil registers none.
 	Registerer prometheus.Registerer
 }
@@ -37,10 +41,11 @@ type OrganizationsConfig struct {
 // briefly. Concurrent lookups of one instance share a query. It is safe for
 // concurrent use.
 type Organizations struct {
-	db     DB
-	cache  *expirable.LRU[string, lookup]
-	group  singleflight.Group
-	lookup *prometheus.CounterVec
+	db      DB
+	timeout time.Duration
+	cache   *expirable.LRU[string, lookup]
+	group   singleflight.Group
+	lookup  *prometheus.CounterVec
 }
 
 type lookup struct {
@@ -58,8 +63,12 @@ func NewOrganizations(db DB, cfg OrganizationsConfig) *Organizations {
 	if cfg.CacheSize == 0 {
 		cfg.CacheSize = 100_000
 	}
+	if cfg.QueryTimeout <= 0 {
+		cfg.QueryTimeout = 5 * time.Second
+	}
 	o := &Organizations{
-		db: db,
+		db:      db,
+		timeout: cfg.QueryTimeout,
 		lookup: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cloudconnector_organization_lookups_total",
 			Help: "Organization lookups by result (hit, miss).",
@@ -84,8 +93,12 @@ func (o *Organizations) FindByInstance(ctx context.Context, instanceID string) (
 		}
 	}
 	o.lookup.WithLabelValues("miss").Inc()
-	v, err, _ := o.group.Do(instanceID, func() (any, error) {
-		l, err := o.query(ctx, instanceID)
+	ch := o.group.DoChan(instanceID, func() (any, error) {
+		// Not the first caller's context: its client leaving must not fail
+		// the others waiting on the same query.
+		qctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), o.timeout)
+		defer cancel()
+		l, err := o.query(qctx, instanceID)
 		if err != nil {
 			return nil, err
 		}
@@ -94,10 +107,15 @@ func (o *Organizations) FindByInstance(ctx context.Context, instanceID string) (
 		}
 		return l, nil
 	})
-	if err != nil {
-		return authz.Organization{}, err
+	select {
+	case <-ctx.Done():
+		return authz.Organization{}, fmt.Errorf("find organization of instance: %w", context.Cause(ctx))
+	case r := <-ch:
+		if r.Err != nil {
+			return authz.Organization{}, r.Err
+		}
+		return r.Val.(lookup).result()
 	}
-	return v.(lookup).result()
 }
 
 func (l lookup) result() (authz.Organization, error) {

@@ -3,9 +3,11 @@ package postgres_test
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
@@ -113,5 +115,64 @@ func TestUpsertWithFixedID(t *testing.T) {
 	}
 	if _, err := postgres.Upsert(ctx, pool, postgres.Seed{ID: "not-a-uuid", Name: "X", Plan: "free"}); err == nil {
 		t.Fatal("invalid id accepted")
+	}
+}
+
+// gatedDB holds the first query until released, and counts queries.
+type gatedDB struct {
+	postgres.DB
+	entered chan struct{}
+	release chan struct{}
+	queries atomic.Int32
+}
+
+func (g *gatedDB) Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error) {
+	if g.queries.Add(1) == 1 {
+		close(g.entered)
+		select {
+		case <-g.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return g.DB.Query(ctx, sql, args...)
+}
+
+// TestSharedLookupSurvivesFirstCallerLeaving checks that a caller that
+// gives up while its lookup is shared with others fails alone: the query
+// goes on, and the others get its answer from the one query.
+func TestSharedLookupSurvivesFirstCallerLeaving(t *testing.T) {
+	t.Parallel()
+	pool, _, id := setup(t, -1)
+	db := &gatedDB{DB: pool, entered: make(chan struct{}), release: make(chan struct{})}
+	orgs := postgres.NewOrganizations(db, postgres.OrganizationsConfig{CacheTTL: time.Hour})
+
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	first := make(chan error, 1)
+	go func() {
+		_, err := orgs.FindByInstance(ctx1, "inst-1")
+		first <- err
+	}()
+	<-db.entered
+	type result struct {
+		org authz.Organization
+		err error
+	}
+	second := make(chan result, 1)
+	go func() {
+		org, err := orgs.FindByInstance(context.Background(), "inst-1")
+		second <- result{org, err}
+	}()
+	cancel1()
+	if err := <-first; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled caller: err = %v, want context.Canceled", err)
+	}
+	close(db.release)
+	r := <-second
+	if r.err != nil || r.org.ID != id {
+		t.Fatalf("other caller: %+v, %v; want organization %s", r.org, r.err, id)
+	}
+	if n := db.queries.Load(); n != 1 {
+		t.Fatalf("queries = %d, want 1 shared query", n)
 	}
 }

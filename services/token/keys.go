@@ -68,23 +68,37 @@ func (s *keySource) key(ctx context.Context, kid string) (jwk.Key, error) {
 	if now.Sub(time.Unix(0, last)) < s.cfg.UnknownKeyRefetchInterval {
 		return nil, fail(ReasonUnknownKey, "key %q not published by %s", kid, s.issuer)
 	}
-	v, err, _ := s.group.Do("refetch", func() (any, error) {
+	ch := s.group.DoChan("refetch", func() (any, error) {
 		s.lastForced.Store(now.UnixNano())
-		u, err := s.resolve(ctx)
+		// Every caller waiting on this refetch shares it, so the first
+		// one's client leaving must not fail it for the rest.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), refetchTimeout)
+		defer cancel()
+		u, err := s.resolve(fctx)
 		if err != nil {
 			return nil, err
 		}
-		return s.cache.Refresh(ctx, u)
+		return s.cache.Refresh(fctx, u)
 	})
-	if err != nil {
-		s.logger.Warn("refetch keys for unknown kid", "issuer", s.issuer, "kid", kid, "error", err)
+	var r singleflight.Result
+	select {
+	case <-ctx.Done():
+		return nil, &Error{Reason: ReasonKeysUnavailable, Err: fmt.Errorf("refetch keys of %s: %w", s.issuer, context.Cause(ctx))}
+	case r = <-ch:
+	}
+	if r.Err != nil {
+		s.logger.Warn("refetch keys for unknown kid", "issuer", s.issuer, "kid", kid, "error", r.Err)
 		return nil, fail(ReasonUnknownKey, "key %q not published by %s", kid, s.issuer)
 	}
-	if k, ok := v.(jwk.Set).LookupKeyID(kid); ok {
+	if k, ok := r.Val.(jwk.Set).LookupKeyID(kid); ok {
 		return k, nil
 	}
 	return nil, fail(ReasonUnknownKey, "key %q not published by %s", kid, s.issuer)
 }
+
+// refetchTimeout bounds a shared refetch of an issuer's keys, which runs
+// detached from the context of the caller that started it.
+const refetchTimeout = 15 * time.Second
 
 // set returns the current key set, fetching it on first use. Keys older
 // than MaxKeyStaleness (the issuer has been unreachable that long) are no

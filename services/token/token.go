@@ -196,7 +196,9 @@ func (v *Verifier) Verify(ctx context.Context, raw, audience string) (*Claims, e
 		all map[string]any
 		iss *issuer
 	)
-	provider := jws.KeyProviderFunc(func(ctx context.Context, sink jws.KeySink, sig *jws.Signature, msg *jws.Message) error {
+	// The provider's own context is not the caller's (jwt.Parse does not
+	// hand WithContext down to it), so the closure uses ctx from Verify.
+	provider := jws.KeyProviderFunc(func(_ context.Context, sink jws.KeySink, sig *jws.Signature, msg *jws.Message) error {
 		hdr := sig.ProtectedHeaders()
 		alg := hdr.Algorithm()
 		if !v.algs[alg] {

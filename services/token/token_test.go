@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -387,3 +388,79 @@ func fetchJWKS(t testing.TB, iss *tokentest.Issuer) []string {
 }
 
 func base64URL(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }
+
+// TestRefetchOutlivesCallerThatLeft rotates the issuer's key and lets the
+// client whose unknown kid started the refetch give up while the JWKS is
+// being fetched: the refetch must still complete, or the new key would stay
+// unknown to everyone until the refetch interval allows another try.
+func TestRefetchOutlivesCallerThatLeft(t *testing.T) {
+	t.Parallel()
+	var (
+		iss     *tokentest.Issuer
+		gated   atomic.Bool
+		entered = make(chan struct{}, 1)
+		release = make(chan struct{})
+	)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == tokentest.JWKSPath && gated.Load() {
+			select {
+			case entered <- struct{}{}:
+			default:
+			}
+			select {
+			case <-release:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		iss.Handler().ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	var err error
+	if iss, err = tokentest.New(srv.URL); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	v, err := token.New(ctx, token.Config{
+		Issuers:                   []token.IssuerConfig{{Issuer: iss.URL(), Audiences: []string{aud}}},
+		UnknownKeyRefetchInterval: time.Hour,
+	}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := v.Verify(ctx, mint(t, iss, tokentest.Claims{}), aud); err != nil {
+		t.Fatal(err)
+	}
+	if err := iss.Rotate(); err != nil {
+		t.Fatal(err)
+	}
+	rotated := mint(t, iss, tokentest.Claims{})
+	gated.Store(true)
+
+	leaving, leave := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() {
+		_, err := v.Verify(leaving, rotated, aud)
+		done <- err
+	}()
+	<-entered
+	leave()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("caller that left: err = %v, want context.Canceled", err)
+	}
+	close(release)
+	// The refetch finishes in the background; wait (boundedly) for the
+	// rotated key to verify.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := v.Verify(ctx, rotated, aud)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rotated key still unknown after the refetch was released: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
