@@ -134,8 +134,14 @@ func (s *Server) Stop() error {
 	return rmErr
 }
 
-// WithDatabase returns u with its database name replaced by name.
+// WithDatabase returns the connection string u (a postgres:// URL or
+// libpq keyword/value settings) with its database name replaced by name.
 func WithDatabase(u, name string) (string, error) {
+	if !strings.HasPrefix(u, "postgres://") && !strings.HasPrefix(u, "postgresql://") {
+		// Keyword/value settings: a later keyword overrides an earlier one.
+		quoted := strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(name)
+		return strings.TrimSpace(u) + " dbname='" + quoted + "'", nil
+	}
 	parsed, err := url.Parse(u)
 	if err != nil {
 		return "", fmt.Errorf("parse database url: %w", err)
