@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -18,6 +19,13 @@ type discardDB struct{}
 func (discardDB) Exec(context.Context, string, ...any) (pgconn.CommandTag, error) {
 	return pgconn.NewCommandTag("INSERT 0 0"), nil
 }
+
+// QueryRow answers the partition check: nothing failed, nothing to do.
+func (discardDB) QueryRow(context.Context, string, ...any) pgx.Row { return discardRow{} }
+
+type discardRow struct{}
+
+func (discardRow) Scan(...any) error { return nil }
 
 // BenchmarkRecord measures the request path: queueing while Run drains the
 // buffer, and dropping when the buffer is full.

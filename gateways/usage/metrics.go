@@ -25,6 +25,12 @@ type metrics struct {
 	corrected   prometheus.Counter
 	flushErrors prometheus.Counter
 
+	timeFuture prometheus.Counter // occurred_at set to now: it was too far ahead
+	timePast   prometheus.Counter // occurred_at set to now: it was too far behind
+
+	partitionErrors      prometheus.Counter
+	partitionMonthsAhead prometheus.Gauge
+
 	droppedFull     prometheus.Counter
 	droppedClosed   prometheus.Counter
 	droppedInvalid  prometheus.Counter
@@ -44,6 +50,12 @@ func newMetrics(reg prometheus.Registerer, held func() float64) (*metrics, error
 		Name: "cloudconnector_usage_events_dropped_total",
 		Help: "Usage events lost, by reason.",
 	}, []string{"reason"})
+	timeCorrected := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cloudconnector_usage_events_time_corrected_total",
+		Help: "Usage events stored with the time they were recorded because their occurred_at was implausible: " +
+			"more than an hour in the future, or more than an hour before the request can have started (direction past). " +
+			"Also counted in cloudconnector_usage_events_corrected_total.",
+	}, []string{"direction"})
 	m := &metrics{
 		recorded:    counter("cloudconnector_usage_events_recorded_total", "Usage events accepted by Record."),
 		written:     counter("cloudconnector_usage_events_written_total", "Usage events committed to the database from memory."),
@@ -52,6 +64,19 @@ func newMetrics(reg prometheus.Registerer, held func() float64) (*metrics, error
 		replayed:    counter("cloudconnector_usage_events_replayed_total", "Usage events committed to the database from the spool."),
 		corrected:   counter("cloudconnector_usage_events_corrected_total", "Usage events with values corrected before writing (negative numbers, invalid text or ids)."),
 		flushErrors: counter("cloudconnector_usage_flush_errors_total", "Failed attempts to write queued usage events to the database."),
+
+		timeFuture: timeCorrected.WithLabelValues("future"),
+		timePast:   timeCorrected.WithLabelValues("past"),
+
+		partitionErrors: counter("cloudconnector_usage_partition_errors_total",
+			"Checks of the usage_events partitions that failed or left a month without its partition. "+
+				"Events of a month without a partition go to usage_events_default until a later check moves them."),
+		partitionMonthsAhead: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cloudconnector_usage_partition_months_ahead",
+			Help: "Months after the current one (UTC) that have a usage_events partition, counted from the current " +
+				"month up to the first one missing; -1 when the current month has none. Set by each successful check; " +
+				"alert when below 1.",
+		}),
 
 		droppedFull:     dropped.WithLabelValues(reasonBufferFull),
 		droppedClosed:   dropped.WithLabelValues(reasonClosed),
@@ -74,7 +99,7 @@ func newMetrics(reg prometheus.Registerer, held func() float64) (*metrics, error
 	}, held)
 	collectors := []prometheus.Collector{
 		m.recorded, m.written, m.duplicates, m.spooled, m.replayed, m.corrected, m.flushErrors,
-		dropped, m.batchSeconds, buffer,
+		dropped, timeCorrected, m.partitionErrors, m.partitionMonthsAhead, m.batchSeconds, buffer,
 	}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {

@@ -12,61 +12,90 @@ import (
 // one oversized value must not bloat a batch or the spool.
 const maxTextBytes = 1024
 
+// maxClockSkew is how far occurred_at may be from what the gateway's clock
+// makes plausible: ahead of the time the event is recorded, or earlier than
+// the start of the request it describes.
+const maxClockSkew = time.Hour
+
+// fixes says what normalize corrected.
+type fixes uint8
+
+const (
+	fixedValue  fixes = 1 << iota // some value was corrected (set with each of the others)
+	fixedFuture                   // occurred_at was too far ahead of now
+	fixedPast                     // occurred_at was too far before the request could have started
+)
+
 // normalize corrects, in place, every value usage_events or the spool would
-// refuse, and reports whether it changed anything. Correcting rather than
-// dropping keeps the request counted: a bad byte count is a bug to fix, not a
-// reason to lose the event, and one refused row would otherwise fail its
-// whole batch on every retry. It also copies *Units, so the caller may reuse
-// it. It is cheap enough for the request path.
-func normalize(e *Event) (changed bool) {
+// refuse, and reports what it changed. Correcting rather than dropping keeps
+// the request counted: a bad byte count is a bug to fix, not a reason to lose
+// the event, and one refused row would otherwise fail its whole batch on
+// every retry. It also copies *Units, so the caller may reuse it. It is cheap
+// enough for the request path.
+//
+// An occurred_at more than maxClockSkew ahead of now is set to now: such an
+// event would land in a month with no partition yet (up to year 9999, the
+// most the spool's JSON can encode), and analysts would see usage in the
+// future. With checkPast, which Record sets, so is one that puts the end of
+// the request (OccurredAt + Duration) more than maxClockSkew before now:
+// Record runs right after the response, so that can only be a wrong clock or
+// a bug. Replay from the spool does not check the past: spooled events are
+// legitimately old.
+func normalize(e *Event, now time.Time, checkPast bool) (f fixes) {
 	if e.ID == uuid.Nil {
 		// crypto/rand never fails since Go 1.24, so neither does NewV7.
 		e.ID, _ = uuid.NewV7()
-		changed = true
+		f |= fixedValue
 	}
-	// The spool's JSON cannot encode years outside 0..9999.
-	if y := e.OccurredAt.Year(); e.OccurredAt.IsZero() || y < 1 || y > 9999 {
-		e.OccurredAt = time.Now()
-		changed = true
+	if e.Duration < 0 {
+		e.Duration = 0
+		f |= fixedValue
+	}
+	switch at := e.OccurredAt; {
+	case at.IsZero():
+		e.OccurredAt = now
+		f |= fixedValue
+	case at.After(now.Add(maxClockSkew)):
+		e.OccurredAt = now
+		f |= fixedValue | fixedFuture
+	case at.Year() < 1 || checkPast && at.Add(e.Duration).Before(now.Add(-maxClockSkew)):
+		e.OccurredAt = now
+		f |= fixedValue | fixedPast
 	}
 	e.OccurredAt = e.OccurredAt.UTC()
 	if e.OrganizationID != "" && uuid.Validate(e.OrganizationID) != nil {
 		e.OrganizationID = ""
-		changed = true
+		f |= fixedValue
 	}
 	for _, s := range [...]*string{
 		&e.InstanceID, &e.Realm, &e.GlobalUserID, &e.Feature, &e.Gateway, &e.Route, &e.Method,
 		&e.RequestID, &e.GitLabVersion, &e.ClientType,
 	} {
 		if cleanText(s) {
-			changed = true
+			f |= fixedValue
 		}
 	}
 	if e.Status < 0 || e.Status > 999 {
 		e.Status = 0
-		changed = true
-	}
-	if e.Duration < 0 {
-		e.Duration = 0
-		changed = true
+		f |= fixedValue
 	}
 	if e.RequestBytes < 0 {
 		e.RequestBytes = 0
-		changed = true
+		f |= fixedValue
 	}
 	if e.ResponseBytes < 0 {
 		e.ResponseBytes = 0
-		changed = true
+		f |= fixedValue
 	}
 	if e.Units != nil {
 		u := *e.Units
 		if u < 0 {
 			u = 0
-			changed = true
+			f |= fixedValue
 		}
 		e.Units = &u
 	}
-	return changed
+	return f
 }
 
 // cleanText makes *s valid UTF-8 without NUL bytes (PostgreSQL text refuses

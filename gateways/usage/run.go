@@ -8,14 +8,12 @@ import (
 	"time"
 )
 
-// partitionEvery is how often Run makes sure future partitions exist.
-const partitionEvery = 24 * time.Hour
-
 // ready is a closed channel: a select on it proceeds at once.
 var ready = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // Run writes queued events until ctx is done or Close is called, and returns
-// nil then. It ensures usage_events partitions at start and daily, replays
+// nil then. It ensures usage_events partitions at start and daily, and after
+// a failed check again within a minute, doubling up to an hour. It replays
 // the spool at start and after each successful write, and spills the buffer
 // to the spool when it runs high. A batch that fails is retried after
 // RetryBackoff, doubling up to 30s, and kept until written.
@@ -55,8 +53,7 @@ func (r *Recorder) Run(ctx context.Context) error {
 		close(r.runDone)
 	}()
 
-	r.ensurePartitions(ctx)
-	partitions := time.NewTicker(partitionEvery)
+	partitions := time.NewTimer(r.ensurePartitions(ctx))
 	defer partitions.Stop()
 	flush := time.NewTicker(r.cfg.FlushInterval)
 	defer flush.Stop()
@@ -79,7 +76,7 @@ func (r *Recorder) Run(ctx context.Context) error {
 		case <-r.stopping:
 			return nil
 		case <-partitions.C:
-			r.ensurePartitions(ctx)
+			partitions.Reset(r.ensurePartitions(ctx))
 			continue
 		case <-flush.C:
 			if failing {

@@ -156,6 +156,7 @@ func (s *spool) read(path string, batch int, fn func([]Event) error) (corrupt in
 	defer f.Close()
 	br := bufio.NewReaderSize(f, maxLineBytes)
 	events := make([]Event, 0, batch)
+	now := time.Now()
 	for {
 		line, tooLong, rerr := nextLine(br)
 		if rerr != nil && rerr != io.EOF {
@@ -166,8 +167,11 @@ func (s *spool) read(path string, batch int, fn func([]Event) error) (corrupt in
 			if tooLong || json.Unmarshal(line, &rec) != nil || rec.ID == uuid.Nil || rec.OccurredAt.IsZero() {
 				corrupt++
 			} else {
+				// Checked when recorded; again in case the file predates
+				// a rule or the clock has gone back since. Not against the
+				// past: a spooled event may be days old.
 				e := Event(rec)
-				normalize(&e)
+				normalize(&e, now, false)
 				events = append(events, e)
 			}
 		}

@@ -40,6 +40,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -48,6 +49,7 @@ import (
 // from one goroutine at a time, so a single connection will do.
 type DB interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
 // Event is one proxied request, as stored in usage_events.
@@ -154,6 +156,10 @@ type Recorder struct {
 	dbDown       atomic.Bool  // the last write failed
 	lastReport   time.Time    // owned by Run, then by Close
 	cols         columns      // owned by Run, then by Close
+	refused      refusedSet   // owned by Run, then by Close
+
+	partitionRetry   time.Duration // first delay before ensuring partitions again after a failure
+	partitionBackoff time.Duration // the next such delay; owned by Run
 
 	mu        sync.Mutex
 	q         queue
@@ -187,6 +193,9 @@ func New(db DB, cfg Config, logger *slog.Logger) (*Recorder, error) {
 		stopping:  make(chan struct{}),
 		runDone:   make(chan struct{}),
 		closed:    make(chan struct{}),
+
+		partitionRetry:   partitionRetryMin,
+		partitionBackoff: partitionRetryMin,
 	}
 	if cfg.SpoolDir != "" {
 		sp, err := openSpool(cfg.SpoolDir)
@@ -211,12 +220,20 @@ func New(db DB, cfg Config, logger *slog.Logger) (*Recorder, error) {
 // refuse are corrected rather than refused (see normalize): a zero ID gets a
 // new UUIDv7, a zero OccurredAt becomes now, negative numbers become 0, an
 // organization id that is not a UUID becomes "", and text is made valid
-// UTF-8 without NUL bytes and cut to 1 KiB. The event is dropped and counted
-// when the buffer is full or the Recorder is closed.
+// UTF-8 without NUL bytes and cut to 1 KiB. An OccurredAt more than an hour
+// ahead of now, or more than an hour before the request can have started
+// (now - Duration), becomes now and is counted by direction. The event is
+// dropped and counted when the buffer is full or the Recorder is closed.
 func (r *Recorder) Record(e Event) {
-	if normalize(&e) {
+	if f := normalize(&e, time.Now(), true); f != 0 {
 		r.m.corrected.Inc()
 		r.corrected.Add(1)
+		if f&fixedFuture != 0 {
+			r.m.timeFuture.Inc()
+		}
+		if f&fixedPast != 0 {
+			r.m.timePast.Inc()
+		}
 	}
 	r.mu.Lock()
 	if r.isClosed {

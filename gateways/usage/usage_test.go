@@ -2,6 +2,7 @@ package usage_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/google/uuid"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -756,5 +758,181 @@ func TestNewRejectsInvalidConfig(t *testing.T) {
 	}
 	if _, err := usage.New(pool, usage.Config{Registerer: reg}, nil); err == nil {
 		t.Error("second Recorder on one registerer: New succeeded")
+	}
+}
+
+// TestRunReportsPartitionFailureAndRetriesSoon: a partition that cannot be
+// created shows in the metrics, and the check is retried well before the
+// next day.
+func TestRunReportsPartitionFailureAndRetriesSoon(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	ctx := context.Background()
+	// Next month's partition cannot be created: a table of its name is in
+	// the way.
+	month := time.Now().UTC()
+	month = time.Date(month.Year(), month.Month()+1, 1, 0, 0, 0, 0, time.UTC)
+	name := pgx.Identifier{"usage_events_" + month.Format("2006_01")}.Sanitize()
+	if _, err := f.pool.Exec(ctx, "DROP TABLE "+name+"; CREATE TABLE "+name+" (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	rec, reg := newRecorder(t, f.pool, usage.Config{})
+	usage.SetPartitionRetry(rec, time.Millisecond)
+	start(t, rec)
+
+	eventually(t, "a failed partition check", func() bool {
+		return metric(t, reg, "cloudconnector_usage_partition_errors_total") > 0
+	})
+	if got := metric(t, reg, "cloudconnector_usage_partition_months_ahead"); got != 0 {
+		t.Errorf("months ahead = %v, want 0: the current month only", got)
+	}
+
+	if _, err := f.pool.Exec(ctx, "DROP TABLE "+name); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "partitions two months ahead", func() bool {
+		return metric(t, reg, "cloudconnector_usage_partition_months_ahead") == 2
+	})
+}
+
+// TestRecordCorrectsImplausibleTimes: an event stamped far in the future
+// would land in a month without a partition (and show analysts usage to
+// come); one stamped before its request can have started is a clock bug.
+// Both are kept, stamped with the time they were recorded, and counted.
+func TestRecordCorrectsImplausibleTimes(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	rec, reg := newRecorder(t, f.pool, usage.Config{})
+	now := time.Now().UTC().Truncate(time.Microsecond)
+
+	farFuture, ahead, epoch := event(0), event(1), event(2)
+	farFuture.OccurredAt = time.Date(9999, 12, 31, 23, 0, 0, 0, time.UTC)
+	ahead.OccurredAt = now.AddDate(0, 3, 0)
+	epoch.OccurredAt = time.Unix(0, 0)
+	// Plausible: a clock a little ahead, and a WebSocket session that
+	// started three hours ago and just ended.
+	skewed, stream := event(3), event(4)
+	skewed.OccurredAt = now.Add(30 * time.Minute)
+	stream.OccurredAt, stream.Duration = now.Add(-3*time.Hour), 3*time.Hour
+
+	before := time.Now()
+	for _, e := range []usage.Event{farFuture, ahead, epoch, skewed, stream} {
+		rec.Record(e)
+	}
+	after := time.Now()
+	closeRecorder(t, rec)
+
+	got := rows(t, f.pool)
+	if len(got) != 5 {
+		t.Fatalf("stored %d events, want 5", len(got))
+	}
+	for _, e := range []usage.Event{farFuture, ahead, epoch} {
+		at := got[e.ID].OccurredAt
+		if at.Before(before.Truncate(time.Microsecond)) || at.After(after) {
+			t.Errorf("event stamped %s stored at %s, want the time it was recorded", e.OccurredAt, at)
+		}
+	}
+	for _, e := range []usage.Event{skewed, stream} {
+		if at := got[e.ID].OccurredAt; !at.Equal(e.OccurredAt) {
+			t.Errorf("event stamped %s stored at %s, want it kept", e.OccurredAt, at)
+		}
+	}
+	for labels, want := range map[[2]string]float64{{"direction", "future"}: 2, {"direction", "past"}: 1} {
+		if got := metric(t, reg, "cloudconnector_usage_events_time_corrected_total", labels[:]...); got != want {
+			t.Errorf("time corrected %v = %v, want %v", labels, got, want)
+		}
+	}
+	if got := metric(t, reg, "cloudconnector_usage_events_corrected_total"); got != 3 {
+		t.Errorf("corrected = %v, want 3", got)
+	}
+	var inDefault int
+	if err := f.pool.QueryRow(context.Background(), "SELECT count(*) FROM usage_events_default").Scan(&inDefault); err != nil {
+		t.Fatal(err)
+	}
+	if inDefault != 0 {
+		t.Errorf("%d events in the default partition, want 0", inDefault)
+	}
+}
+
+// TestReplayCorrectsFutureTimesOnly: a spool file written before events were
+// checked may hold one stamped in the future; it is corrected on replay.
+// An old event is not: events wait in the spool for as long as an outage
+// lasts.
+func TestReplayCorrectsFutureTimesOnly(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	future, old := uuid.Must(uuid.NewV7()), uuid.Must(uuid.NewV7())
+	oldAt := time.Now().UTC().AddDate(0, 0, -20).Truncate(time.Microsecond)
+	line := `{"id":%q,"occurred_at":%q,"instance_id":"i","realm":"saas","feature":"f","gateway":"ai","route":"r",` +
+		`"method":"GET","status":200,"duration_ns":1000,"request_bytes":0,"response_bytes":0}` + "\n"
+	spooled := fmt.Sprintf(line, future, "9999-01-01T00:00:00Z") + fmt.Sprintf(line, old, oldAt.Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(f.spool, "usage-00000000000000000001-1-1.jsonl"), []byte(spooled), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := time.Now()
+	rec, _ := newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
+	start(t, rec)
+	eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
+	after := time.Now()
+
+	got := rows(t, f.pool)
+	if at := got[future].OccurredAt; at.Before(before.Truncate(time.Microsecond)) || at.After(after) {
+		t.Errorf("event stamped 9999-01-01 replayed at %s, want the time of replay", at)
+	}
+	if at := got[old].OccurredAt; !at.Equal(oldAt) {
+		t.Errorf("event stamped %s replayed at %s, want it kept", oldAt, at)
+	}
+}
+
+// flakyDB passes statements to a pool but fails its failAt-th Exec, once,
+// the way a dropped connection would: not the data's fault.
+type flakyDB struct {
+	*pgxpool.Pool
+	mu            sync.Mutex
+	calls, failAt int
+}
+
+func (d *flakyDB) Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error) {
+	d.mu.Lock()
+	d.calls++
+	fail := d.calls == d.failAt
+	d.mu.Unlock()
+	if fail {
+		return pgconn.CommandTag{}, errors.New("flakyDB: connection reset")
+	}
+	return d.Pool.Exec(ctx, sql, args...)
+}
+
+// TestRefusedEventCountedOnceWhenBatchRetried: a batch that fell back to
+// writing events one by one, dropped one the database refused, and then
+// failed for another reason is retried whole. The refused event must not be
+// counted (or logged) as dropped a second time.
+func TestRefusedEventCountedOnceWhenBatchRetried(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	if _, err := f.pool.Exec(context.Background(),
+		"ALTER TABLE usage_events ADD CONSTRAINT no_teapots CHECK (status <> 418)"); err != nil {
+		t.Fatal(err)
+	}
+	// Exec 1: the batch, refused. Execs 2 to 6: events 0 to 4 one by one,
+	// event 4 refused. Exec 7, event 5: the connection drops.
+	db := &flakyDB{Pool: f.pool, failAt: 7}
+	rec, reg := newRecorder(t, db, usage.Config{RetryBackoff: time.Millisecond})
+	for i := range 10 {
+		e := event(i)
+		if i == 4 {
+			e.Status = 418
+		}
+		rec.Record(e)
+	}
+	closeRecorder(t, rec) // without a spool: retries until written
+	if db.calls < 8 {
+		t.Fatalf("%d statements; the test wants the batch retried after the dropped connection", db.calls)
+	}
+	if n := count(t, f.pool); n != 9 {
+		t.Errorf("stored %d events, want 9", n)
+	}
+	if got := metric(t, reg, "cloudconnector_usage_events_dropped_total", "reason", "invalid"); got != 1 {
+		t.Errorf("dropped %v invalid events, want 1", got)
 	}
 }

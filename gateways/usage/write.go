@@ -94,7 +94,7 @@ func optionalText(s string) pgtype.Text {
 // one by one and drops, with a log line and a metric, those refused again, so
 // one bad row cannot hold back the others forever. Any other error is
 // returned and the caller retries the whole batch; rows already committed are
-// then skipped as duplicates.
+// then skipped as duplicates, and rows already dropped are not counted again.
 func (r *Recorder) write(ctx context.Context, events []Event, counter prometheus.Counter) error {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.WriteTimeout)
 	defer cancel()
@@ -108,8 +108,7 @@ func (r *Recorder) write(ctx context.Context, events []Event, counter prometheus
 		switch {
 		case err == nil:
 		case isDataError(err):
-			r.log.Error("usage: dropping event the database refused", "event_id", events[i].ID, "error", err)
-			r.drop(r.m.droppedInvalid, 1)
+			r.refuse(events[i].ID, err)
 		default:
 			return err
 		}
@@ -137,17 +136,100 @@ func isDataError(err error) bool {
 	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
 }
 
-// partitionMonthsAhead is how many monthly partitions beyond the current one
-// ensurePartitions keeps ready.
-const partitionMonthsAhead = 2
+// maxRefused bounds the ids refusedSet remembers. Refused events are rare;
+// past the bound the set starts over, and an event refused again after that
+// is counted twice rather than memory growing.
+const maxRefused = 1024
 
-// ensurePartitions creates the usage_events partitions the next months need.
-// Failure is logged, not fatal: rows outside every partition still land in
-// the default partition.
-func (r *Recorder) ensurePartitions(ctx context.Context) {
+// refusedSet holds the ids of events the database refused and write dropped.
+// A batch is retried whole after a failure that is not the data's fault, and
+// a spool file is replayed whole after one, so the same event can be refused
+// again: it is dropped once, and counted and logged once.
+type refusedSet map[uuid.UUID]struct{}
+
+// refuse records that the database refused event id with err: the event is
+// dropped, and counted and logged unless it was dropped before.
+func (r *Recorder) refuse(id uuid.UUID, err error) {
+	if _, ok := r.refused[id]; ok {
+		r.log.Debug("usage: event refused again", "event_id", id, "error", err)
+		return
+	}
+	if r.refused == nil || len(r.refused) >= maxRefused {
+		r.refused = refusedSet{}
+	}
+	r.refused[id] = struct{}{}
+	r.log.Error("usage: dropping event the database refused", "event_id", id, "error", err)
+	r.drop(r.m.droppedInvalid, 1)
+}
+
+const (
+	// partitionMonthsAhead is how many monthly partitions beyond the current
+	// one ensurePartitions keeps ready.
+	partitionMonthsAhead = 2
+	// partitionEvery is how often Run checks the partitions while all is
+	// well: they are kept months ahead, so a day is often enough.
+	partitionEvery = 24 * time.Hour
+	// After a failed check Run tries again after partitionRetryMin, doubling
+	// up to partitionRetryMax, so a month is not left without its partition
+	// for a day because of one lock timeout.
+	partitionRetryMin = time.Minute
+	partitionRetryMax = time.Hour
+	// partitionLockWait bounds each lock the check waits for, so it gives up
+	// (and retries later) rather than queue behind a long analyst query.
+	partitionLockWait = time.Second
+)
+
+// ensurePartitionsSQL runs usage_events_ensure_partitions (migration 005),
+// which does each month on its own and returns one row per month, and sums
+// up its answer: failed months, months ahead ready (counted from the
+// current one up to the first failure, -1 when the current one failed),
+// months created, rows moved out of the default partition, and what failed.
+const ensurePartitionsSQL = `SELECT
+	count(*) FILTER (WHERE outcome = 'failed'),
+	coalesce(min(month_offset) FILTER (WHERE outcome = 'failed' AND month_offset >= 0), $1::int + 1) - 1,
+	count(*) FILTER (WHERE outcome = 'created'),
+	coalesce(sum(moved_rows), 0)::bigint,
+	coalesce(string_agg(partition_name || ': ' || error_message, '; ' ORDER BY range_start)
+		FILTER (WHERE outcome = 'failed'), '')
+FROM usage_events_ensure_partitions($1::int, make_interval(secs => $2::float8))`
+
+// ensurePartitions makes sure usage_events has its partitions for this month
+// and the next partitionMonthsAhead, moving any of their rows out of the
+// default partition, and returns when to check again. Failure is counted,
+// logged and retried soon, not fatal: rows outside every partition still land
+// in the default partition, and the next successful check moves them.
+func (r *Recorder) ensurePartitions(ctx context.Context) (next time.Duration) {
 	tctx, cancel := context.WithTimeout(ctx, r.cfg.WriteTimeout)
 	defer cancel()
-	if _, err := r.db.Exec(tctx, "SELECT usage_events_ensure_partitions($1)", partitionMonthsAhead); err != nil && ctx.Err() == nil {
-		r.log.Warn("usage: ensure partitions", "error", err)
+	var (
+		failed, ahead, created int
+		moved                  int64
+		detail                 string
+	)
+	err := r.db.QueryRow(tctx, ensurePartitionsSQL, partitionMonthsAhead, partitionLockWait.Seconds()).
+		Scan(&failed, &ahead, &created, &moved, &detail)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return r.partitionBackoff // shutting down; Run is about to return
+	case err != nil:
+		err = fmt.Errorf("ensure usage_events partitions: %w", err)
+	default:
+		r.m.partitionMonthsAhead.Set(float64(ahead))
+		if created > 0 {
+			r.log.Info("usage: created usage_events partitions", "partitions", created, "moved_rows", moved)
+		}
+		if failed > 0 {
+			err = fmt.Errorf("ensure usage_events partitions: %d months failed: %s", failed, detail)
+		}
 	}
+	if err == nil {
+		r.partitionBackoff = r.partitionRetry
+		return partitionEvery
+	}
+	r.m.partitionErrors.Inc()
+	next = r.partitionBackoff
+	r.partitionBackoff = min(2*next, partitionRetryMax)
+	r.log.Error("usage: usage_events partitions missing; events of months without one go to the default partition",
+		"error", err, "retry_in", next)
+	return next
 }

@@ -1,5 +1,6 @@
 // Package pgtest gives each test its own PostgreSQL database carrying the
-// project's schema, cloned from a template migrated once per schema version.
+// project's schema, cloned from a template migrated once per schema version
+// and given this month's usage_events partitions.
 //
 // The server is TEST_DATABASE_URL if set, else the local server on
 // 127.0.0.1:5432, else a shared throwaway cluster started from the local
@@ -45,6 +46,22 @@ func URL(tb testing.TB) string {
 		}
 		tb.Skipf("pgtest: no PostgreSQL available: %v", setupErr)
 	}
+	return clone(tb, template)
+}
+
+// partitionMonthsAhead matches what the migrations and the gateways keep.
+const partitionMonthsAhead = 2
+
+// clone creates a database from tmpl, dropped when the test ends, and
+// returns its URL.
+//
+// The template is built once per schema version and kept on the server, so
+// its usage_events partitions are those of the month it was built in. The
+// clone gets this month's partitions before the test sees it: otherwise, once
+// the months the template covers are past, rows stamped now land in the
+// default partition and tests that check partitioning fail on the calendar.
+func clone(tb testing.TB, tmpl string) string {
+	tb.Helper()
 	ctx := context.Background()
 	name := "cc_test_" + randomSuffix()
 	conn, err := pgx.Connect(ctx, serverURL)
@@ -53,7 +70,7 @@ func URL(tb testing.TB) string {
 	}
 	defer conn.Close(ctx)
 	if _, err := conn.Exec(ctx, fmt.Sprintf("CREATE DATABASE %s TEMPLATE %s", pgx.Identifier{name}.Sanitize(),
-		pgx.Identifier{template}.Sanitize())); err != nil {
+		pgx.Identifier{tmpl}.Sanitize())); err != nil {
 		tb.Fatalf("pgtest: create database: %v", err)
 	}
 	tb.Cleanup(func() {
@@ -71,7 +88,31 @@ func URL(tb testing.TB) string {
 	if err != nil {
 		tb.Fatal(err)
 	}
+	if err := ensurePartitions(ctx, u); err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
 	return u
+}
+
+// ensurePartitions creates the usage_events partitions of this month and the
+// next ones in the database at u. Nothing else uses that database yet, so no
+// lock waits; when the template is current it only looks.
+func ensurePartitions(ctx context.Context, u string) error {
+	conn, err := pgx.Connect(ctx, u)
+	if err != nil {
+		return fmt.Errorf("connect to new database: %w", err)
+	}
+	defer conn.Close(ctx)
+	var failed string
+	err = conn.QueryRow(ctx, `SELECT coalesce(string_agg(partition_name || ': ' || error_message, '; '), '')
+		FROM usage_events_ensure_partitions($1) WHERE outcome = 'failed'`, partitionMonthsAhead).Scan(&failed)
+	switch {
+	case err != nil:
+		return fmt.Errorf("ensure usage_events partitions: %w", err)
+	case failed != "":
+		return fmt.Errorf("ensure usage_events partitions: %s", failed)
+	}
+	return nil
 }
 
 // Pool creates a fresh, migrated database for the test and returns a pool
