@@ -18,6 +18,7 @@ const (
 	msgMethod          = "Method Not Allowed"
 	msgBadPath         = "Invalid request path"
 	msgTooLarge        = "Request body too large"
+	msgUpgrade         = "Protocol upgrade not supported"
 )
 
 // gRPC status codes used for denials of gRPC requests.

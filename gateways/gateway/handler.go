@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -38,6 +39,15 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	up := &upstream{path: path, headers: http.Header{hdrRequestID: {reqID}, hdrGateway: {g.cfg.Name}}}
 	ctx := context.WithValue(r.Context(), upstreamKey{}, up)
 
+	if asksUpgrade(r) && !webSocket(rt, r) {
+		// A switched connection is a tunnel the gateway no longer sees
+		// into: an h2c backend would serve any path, with any headers, on
+		// it. Closing the connection keeps whatever the client sent after
+		// the handshake from being read as a request.
+		w.Header().Set("Connection", "close")
+		g.deny(w, r, rt, "upgrade_refused", detail(http.StatusBadRequest, grpcInvalidArgument, msgUpgrade), start)
+		return
+	}
 	if rt.Public {
 		rec := &recorder{ResponseWriter: w}
 		defer g.finish(rt, rec, up, r, start, nil, nil)
@@ -131,6 +141,10 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	up.headers.Set(hdrRealm, s.GetRealm())
 	up.headers.Set(hdrPlan, s.GetPlan())
 	up.headers.Set(hdrFeature, feature)
+	up.authorized = identityHeaders
+	if rt.FeatureHeader != "" {
+		up.authorized = append(slices.Clip(identityHeaders), http.CanonicalHeaderKey(rt.FeatureHeader))
+	}
 
 	rec := &recorder{ResponseWriter: w}
 	body := &counter{ReadCloser: r.Body}
@@ -192,7 +206,8 @@ func (g *Gateway) finish(rt route.Route, rec *recorder, up *upstream, r *http.Re
 
 // identityHeaders are the request headers a decision depends on. A request
 // carrying one twice is refused: the gateway would authorize one value and
-// the backend might read another.
+// the backend might read another. For the same reason they reach the
+// backend even when the client names them in Connection (see upstream).
 var identityHeaders = []string{
 	"Authorization", hdrAuthType, hdrGitLabInst, hdrGitLabRealm, hdrGitLabUser, hdrGitLabVersion,
 	hdrClientType, hdrDeployment, hdrHostName,
@@ -211,7 +226,8 @@ func duplicated(r *http.Request, rt route.Route) string {
 }
 
 // forward proxies r to b within the route's limits. Upgraded connections
-// (WebSocket) are tracked so shutdown can drain, then cut, them.
+// (WebSocket, the only upgrade serveRoute lets through) are tracked so
+// shutdown can drain, then cut, them.
 func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w http.ResponseWriter, r *http.Request, up *upstream) {
 	if limit := rt.BodyLimit(); limit > 0 && r.Body != nil {
 		r.Body = http.MaxBytesReader(w, r.Body, limit)
@@ -243,15 +259,38 @@ func (g *Gateway) forward(ctx context.Context, rt route.Route, b *backend, w htt
 	b.proxy.ServeHTTP(w, r.WithContext(ctx))
 }
 
-// isUpgrade reports a protocol-switch request: Upgrade set and "upgrade"
-// among the Connection header's tokens.
+// isUpgrade reports a protocol-switch request as httputil.ReverseProxy
+// sees one: Upgrade set and "upgrade" among the Connection header's tokens.
 func isUpgrade(r *http.Request) bool {
-	if r.Header.Get("Upgrade") == "" {
-		return false
-	}
-	for _, v := range r.Header.Values("Connection") {
-		for _, tok := range strings.Split(v, ",") {
-			if strings.EqualFold(strings.TrimSpace(tok), "upgrade") {
+	return r.Header.Get("Upgrade") != "" && hasToken(r.Header.Values("Connection"), "upgrade")
+}
+
+// asksUpgrade reports a request that names any protocol in an Upgrade
+// field, whatever its Connection header says: the gateway and the proxies
+// around it need not agree on how to read that header, so only what
+// webSocket accepts goes through. A bare "Connection: upgrade" asks for
+// nothing (nginx configurations set it on every request).
+func asksUpgrade(r *http.Request) bool {
+	return slices.ContainsFunc(r.Header.Values("Upgrade"), func(v string) bool { return strings.TrimSpace(v) != "" })
+}
+
+// webSocket reports a WebSocket handshake (RFC 6455 4.1) that rt accepts:
+// the route is authorized and opted in, and the request is an HTTP/1.1 GET
+// with one Upgrade field naming "websocket" alone and "upgrade" among the
+// Connection tokens.
+func webSocket(rt route.Route, r *http.Request) bool {
+	up := r.Header.Values("Upgrade")
+	return rt.WebSocket && !rt.Public && r.Method == http.MethodGet && r.ProtoMajor == 1 &&
+		len(up) == 1 && strings.EqualFold(strings.TrimSpace(up[0]), "websocket") &&
+		hasToken(r.Header.Values("Connection"), "upgrade")
+}
+
+// hasToken reports whether token is among the comma-separated values,
+// case-insensitively.
+func hasToken(values []string, token string) bool {
+	for _, v := range values {
+		for tok := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(tok), token) {
 				return true
 			}
 		}

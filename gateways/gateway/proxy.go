@@ -10,6 +10,7 @@ import (
 	"net/http/httputil"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,8 +47,45 @@ type backend struct {
 type upstream struct {
 	path    string // backend-relative escaped path
 	headers http.Header
-	units   *int64
-	failure int // status the proxy answered with itself, if any
+	// authorized names the canonical request headers the decision depended
+	// on. They reach the backend as the client sent them even if it listed
+	// them in Connection, which makes the proxy drop them as hop-by-hop.
+	authorized []string
+	units      *int64
+	failure    int // status the proxy answered with itself, if any
+}
+
+// clientOverrideHeaders name the client's address, or a URL, host or
+// method to use instead of the request's own, in headers that proxies,
+// CDNs and frameworks set and some backends believe. Only the gateway says
+// who the client is and what it asked for, so a client's are removed, as
+// is every X-Forwarded-* header (see spoofable).
+var clientOverrideHeaders = map[string]bool{
+	"Forwarded":                true,
+	"X-Real-Ip":                true,
+	"X-Original-Url":           true,
+	"X-Original-Uri":           true,
+	"X-Original-Host":          true,
+	"X-Rewrite-Url":            true,
+	"X-Original-Forwarded-For": true,
+	"True-Client-Ip":           true,
+	"X-Client-Ip":              true,
+	"Cf-Connecting-Ip":         true,
+	"X-Cluster-Client-Ip":      true,
+	"Client-Ip":                true,
+	"Fastly-Client-Ip":         true,
+	"X-Originating-Ip":         true,
+	"X-Remote-Ip":              true,
+	"X-Remote-Addr":            true,
+	"X-Http-Method-Override":   true,
+	"X-Http-Method":            true,
+	"X-Method-Override":        true,
+}
+
+// spoofable reports a request header that only the gateway may send.
+func spoofable(name string) bool {
+	name = http.CanonicalHeaderKey(name)
+	return strings.HasPrefix(name, "X-Forwarded-") || clientOverrideHeaders[name]
 }
 
 type upstreamKey struct{}
@@ -80,15 +118,26 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 	b.proxy = &httputil.ReverseProxy{
 		Transport:  transport,
 		BufferPool: copyBuffers,
+		// ReverseProxy has removed the hop-by-hop headers, including those
+		// the client named in Connection, before it calls Rewrite, so the
+		// headers set here reach the backend whatever Connection said.
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			up := pr.In.Context().Value(upstreamKey{}).(*upstream)
 			pr.Out.URL.Path, pr.Out.URL.RawPath = unescape(up.path), up.path
 			pr.SetURL(target)
-			if peerTrusted(pr.In.RemoteAddr, trusted) {
+			// ReverseProxy drops only Forwarded and X-Forwarded-For, -Host
+			// and -Proto; the gateway sets those three itself below.
+			for k := range pr.Out.Header {
+				if spoofable(k) {
+					delete(pr.Out.Header, k)
+				}
+			}
+			trustedPeer := peerTrusted(pr.In.RemoteAddr, trusted)
+			if trustedPeer {
 				pr.Out.Header["X-Forwarded-For"] = pr.In.Header["X-Forwarded-For"]
 			}
 			pr.SetXForwarded()
-			if peerTrusted(pr.In.RemoteAddr, trusted) {
+			if trustedPeer {
 				if proto := pr.In.Header.Get("X-Forwarded-Proto"); proto == "https" || proto == "http" {
 					pr.Out.Header.Set("X-Forwarded-Proto", proto)
 				}
@@ -105,6 +154,11 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 					delete(pr.Out.Header, k)
 				}
 			}
+			for _, k := range up.authorized {
+				if v, ok := pr.In.Header[k]; ok {
+					pr.Out.Header[k] = slices.Clone(v)
+				}
+			}
 			for k, v := range up.headers {
 				pr.Out.Header[k] = v
 			}
@@ -114,10 +168,17 @@ func newBackend(name string, cfg route.Backend, trusted []netip.Prefix, logger *
 			up.takeInternal(res.Header)
 			// The gateway already answered with its request id.
 			res.Header.Del(hdrRequestID)
-			if len(res.Trailer) > 0 {
-				up.takeInternal(res.Trailer)
-				res.Body = &trailerFilter{ReadCloser: res.Body, trailer: res.Trailer, up: up}
+			if res.StatusCode == http.StatusSwitchingProtocols {
+				// The proxy needs the body as it is: the switched connection.
+				return nil
 			}
+			// Announced trailers are filtered now so that the proxy does not
+			// announce internal ones to the client. Their values, and any
+			// trailer the backend never announced (gRPC over HTTP/2 always
+			// does so; HTTP/1.1 handlers with http.TrailerPrefix), arrive at
+			// the end of the body, so every body is filtered.
+			up.takeInternal(res.Trailer)
+			res.Body = &trailerFilter{ReadCloser: res.Body, res: res, up: up}
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
@@ -210,18 +271,29 @@ func (up *upstream) takeInternal(h http.Header) {
 
 // trailerFilter handles trailers once the body has been read (their
 // values arrive at its end), before the proxy copies them to the client.
+// It reads them from the response each time rather than keeping the map:
+// when the backend announced none, the transport assigns a new one.
 type trailerFilter struct {
 	io.ReadCloser
-	trailer http.Header
-	up      *upstream
+	res *http.Response
+	up  *upstream
 }
 
 func (f *trailerFilter) Read(p []byte) (int, error) {
 	n, err := f.ReadCloser.Read(p)
 	if err == io.EOF {
-		f.up.takeInternal(f.trailer)
+		f.up.takeInternal(f.res.Trailer)
 	}
 	return n, err
+}
+
+// Close filters the trailers again: ReverseProxy closes the body before it
+// copies them, relying on Close to populate them, so a transport may fill
+// them in there too.
+func (f *trailerFilter) Close() error {
+	err := f.ReadCloser.Close()
+	f.up.takeInternal(f.res.Trailer)
+	return err
 }
 
 // copyBuffers recycles the proxy's body copy buffers; without a pool every

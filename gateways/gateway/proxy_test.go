@@ -356,12 +356,21 @@ func TestStreamCutShortIsRecorded(t *testing.T) {
 	}
 }
 
+// webSocketRoutes opts the test table's WebSocket routes in to upgrades.
+func webSocketRoutes(c *gateway.Config) {
+	for i, r := range c.Routes.Routes {
+		if r.Name == "ws" || r.Name == "ws_h2" {
+			c.Routes.Routes[i].WebSocket = true
+		}
+	}
+}
+
 func TestWebSocket(t *testing.T) {
 	t.Parallel()
 	for _, path := range []string{"/v1/ws", "/v1/ws-h2"} {
 		t.Run(strings.TrimPrefix(path, "/v1/"), func(t *testing.T) {
 			t.Parallel()
-			e := setup(t, options{})
+			e := setup(t, options{configure: webSocketRoutes})
 			conn, br, res := e.upgrade(t, path, "allow")
 			defer conn.Close()
 			if res.StatusCode != http.StatusSwitchingProtocols {
@@ -392,7 +401,7 @@ func TestWebSocket(t *testing.T) {
 	}
 	t.Run("denied", func(t *testing.T) {
 		t.Parallel()
-		e := setup(t, options{})
+		e := setup(t, options{configure: webSocketRoutes})
 		conn, _, res := e.upgrade(t, "/v1/ws", "unauth")
 		defer conn.Close()
 		if res.StatusCode != http.StatusUnauthorized {
@@ -428,7 +437,7 @@ func (e *env) upgrade(tb testing.TB, path, token string) (net.Conn, *bufio.Reade
 // the status the client got.
 func TestWebSocketUsage(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{})
+	e := setup(t, options{configure: webSocketRoutes})
 	conn, br, res := e.upgrade(t, "/v1/ws", "allow")
 	if res.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("status = %d; want 101", res.StatusCode)
@@ -452,7 +461,7 @@ func TestWebSocketUsage(t *testing.T) {
 // being proxied.
 func TestWebSocketShutdown(t *testing.T) {
 	t.Parallel()
-	e := setup(t, options{})
+	e := setup(t, options{configure: webSocketRoutes})
 	conn, br, res := e.upgrade(t, "/v1/ws", "allow")
 	if res.StatusCode != http.StatusSwitchingProtocols {
 		t.Fatalf("status = %d; want 101", res.StatusCode)

@@ -85,9 +85,22 @@ func TestPathNormalization(t *testing.T) {
 		"/ai/v2/code%5ccompletions",
 		"/ai/v1/prompts/%00",
 		"/ai%2fv2/code/completions",
+		// Path parameters on dot segments (Tomcat, Jetty and Spring drop
+		// them, then resolve the ".."), raw or with ";" encoded.
+		"/ai/v1/prompts/..;/..;/v2/chat/agent",
+		"/ai/v1/prompts/..%3B/..%3B/v2/chat/agent",
+		"/ai/v1/prompts/..%3b/x",
+		"/ai/v1/prompts/.%3B/x",
+		// Overlong UTF-8 dots, which lax decoders read as ".".
+		"/ai/v1/prompts/%C0%AE%C0%AE/v2/chat/agent",
+		"/ai/v1/prompts/%c0%ae%c0%ae/v2/chat/agent",
+		"/ai/v1/prompts/%E0%80%AE%E0%80%AE/v2/chat/agent",
+		"/ai/v1/prompts/x%FF",
 	} {
 		t.Run(target, func(t *testing.T) {
-			r := e.raw(t, rawRequest("POST", target, "allow"))
+			// The unit primitive lets a path that slips through reach the
+			// backend instead of failing for want of a feature.
+			r := e.raw(t, rawRequest("POST", target, "allow", "X-Gitlab-Unit-Primitive: duo_chat"))
 			wantJSON(t, r, 400, bad)
 		})
 	}

@@ -2,7 +2,9 @@ package route
 
 import (
 	"errors"
+	"net/url"
 	"strings"
+	"unicode/utf8"
 )
 
 // ErrBadPath is returned by CleanPath for paths a gateway refuses.
@@ -10,11 +12,14 @@ var ErrBadPath = errors.New("invalid request path")
 
 // CleanPath checks a request's escaped path and returns it unchanged when
 // it is canonical: absolute; no empty segment except a final trailing
-// slash; no "." or ".." segment (nor ".;" or "..;" forms some servers
-// treat as such); no backslash or control character, raw or encoded; no
-// encoded slash, dot or percent sign (double encoding). Requests are refused
-// rather than normalized so that the gateway, the policy and the backend
-// can never disagree about which resource was asked for.
+// slash; no "." or ".." segment, nor one that is empty, "." or ".." once
+// path parameters are cut off (";", raw or encoded: Tomcat, Jetty and
+// Spring drop them, then resolve the dots); no backslash or control
+// character (C0 or C1), raw or encoded; no encoded slash, dot or percent
+// sign (double encoding); no raw non-ASCII byte; valid UTF-8 once decoded
+// (lax decoders read overlong forms such as %C0%AE as "."). Requests are
+// refused rather than normalized so that the gateway, the policy and the
+// backend can never disagree about which resource was asked for.
 func CleanPath(escaped string) (string, error) {
 	if !strings.HasPrefix(escaped, "/") || len(escaped) > 2048 {
 		return "", ErrBadPath
@@ -22,7 +27,9 @@ func CleanPath(escaped string) (string, error) {
 	for i := 0; i < len(escaped); i++ {
 		c := escaped[i]
 		switch {
-		case c < 0x20 || c == 0x7f || c == '\\':
+		case c < 0x20 || c == 0x7f || c == '\\' || c >= 0x80:
+			// Non-ASCII must be percent-encoded, as url.URL.EscapedPath
+			// does: raw bytes are read as UTF-8 or Latin-1 at will.
 			return "", ErrBadPath
 		case c == '%':
 			if i+2 >= len(escaped) {
@@ -43,12 +50,23 @@ func CleanPath(escaped string) (string, error) {
 	if escaped == "/" {
 		return escaped, nil
 	}
-	segs := strings.Split(escaped[1:], "/")
+	// Every escape is valid and none is a slash, so the decoded path has
+	// the same segments, and they are what the backend reads.
+	decoded, err := url.PathUnescape(escaped)
+	if err != nil || !utf8.ValidString(decoded) {
+		return "", ErrBadPath
+	}
+	for _, r := range decoded {
+		if r >= 0x80 && r <= 0x9f { // C1 controls (NEL ends a line for some)
+			return "", ErrBadPath
+		}
+	}
+	segs := strings.Split(decoded[1:], "/")
 	for i, seg := range segs {
 		if seg == "" && i == len(segs)-1 {
 			continue // trailing slash
 		}
-		if seg == "" || seg == "." || seg == ".." || strings.HasPrefix(seg, ".;") || strings.HasPrefix(seg, "..;") {
+		if name, _, _ := strings.Cut(seg, ";"); name == "" || name == "." || name == ".." {
 			return "", ErrBadPath
 		}
 	}

@@ -5,6 +5,7 @@ import (
 	"net/url"
 	"strings"
 	"testing"
+	"unicode/utf8"
 
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 )
@@ -24,6 +25,11 @@ var cleanPathCases = []struct {
 	{"/v1/%41%42", true},        // an encoded letter is not a trick
 	{"/v1/x:y@z;a=b,c$d", true}, // sub-delims
 	{"/" + strings.Repeat("a", 2047), true},
+	{"/v1/prompts/caf%C3%A9", true},    // UTF-8, encoded
+	{"/v1/prompts/%E2%82%AC", true},    // three bytes
+	{"/v1/prompts/%F0%9F%A6%8A", true}, // four bytes
+	{"/v1/a%3Bb/x;y", true},            // ";" away from a dot segment
+	{"/v1/x;../..x;/.x;", true},        // dots that are not a whole "." or ".." before ";"
 
 	// Not absolute, too long.
 	{"", false},
@@ -36,6 +42,17 @@ var cleanPathCases = []struct {
 	{"/v1/..;/admin", false},    // Tomcat-style path parameter on ".."
 	{"/v1/.;x/admin", false},    // and on "."
 	{"/v1/%252e%252e/x", false}, // double encoding
+	{"/v1/..;", false},
+	{"/v1/.;", false},
+	{"/v1/..;x", false},
+	{"/v1/prompts/..;/..;/v2/chat/agent", false},
+	{"/v1/prompts/..%3B/..%3B/v2/chat/agent", false}, // ";" encoded
+	{"/v1/prompts/..%3b/x", false},
+	{"/v1/..%3B", false},
+	{"/v1/.%3B/x", false},
+	{"/v1/.%3bjsessionid=1/x", false},
+	{"/v1/;/x", false},               // an empty segment once its parameters are cut
+	{"/v1/%3Bjsessionid=1/x", false}, // and encoded
 	{"/v1/x%0d%0aSet-Cookie", false},
 	{"/v1/%zz", false}, // not an escape
 	{"/a//b/", false},
@@ -62,6 +79,28 @@ var cleanPathCases = []struct {
 	{"/v2/.%2e/x", false},
 	{"/v2/a%2eb", false}, // an encoded dot is refused even inside a segment
 	{"/v2/%00", false},
+
+	// Overlong UTF-8 (".", "/" in two, three, four bytes) and other
+	// invalid UTF-8, which lax decoders turn into dots and slashes.
+	{"/v1/prompts/%C0%AE%C0%AE/v2/chat/agent", false},
+	{"/v1/prompts/%c0%ae%c0%ae/x", false},
+	{"/v1/%c0%ae/x", false},
+	{"/v1/%E0%80%AE%E0%80%AE/x", false},
+	{"/v1/%F0%80%80%AE/x", false},
+	{"/v1/%C0%AF/x", false},
+	{"/v1/%C1%9C/x", false},       // overlong backslash
+	{"/v1/%ED%A0%80/x", false},    // surrogate
+	{"/v1/%F4%90%80%80/x", false}, // past U+10FFFF
+	{"/v1/%FF/x", false},
+	{"/v1/%C3/x", false}, // truncated sequence
+	{"/v1/%C3%28/x", false},
+	{"/v1/\xc0\xae/x", false},  // raw, not encoded
+	{"/v1/caf\xe9/x", false},   // Latin-1
+	{"/v1/caf\u00e9/x", false}, // raw UTF-8: a canonical escaped path is ASCII
+	{"/%C2\x8c", false},        // half escaped, half raw
+	{"/v1/%C2%85/x", false},    // NEL, a C1 control
+	{"/v1/%C2%9F/x", false},
+	{"/v1/%C2%A0/x", true}, // no-break space is not a control
 
 	// Raw backslash and control characters.
 	{"/v2\\code", false},
@@ -118,9 +157,10 @@ func TestCleanPathEncodedControlCharacters(t *testing.T) {
 }
 
 // FuzzCleanPath checks that no path CleanPath accepts can reach a backend
-// as a different resource: no "." or ".." segments, no empty segment except
-// a trailing slash, no encoded slash, dot or backslash, no control bytes,
-// before or after one round of unescaping.
+// as a different resource: no "." or ".." segments (nor ".;" or "..;"
+// forms), no empty segment except a trailing slash, no encoded slash, dot
+// or backslash, no control bytes, no invalid UTF-8, before or after one
+// round of unescaping.
 func FuzzCleanPath(f *testing.F) {
 	for _, tc := range cleanPathCases {
 		f.Add(tc.in)
@@ -165,6 +205,9 @@ func checkCanonical(t *testing.T, what, p string) {
 			t.Fatalf("accepted path, %s %q, contains control byte %#x", what, p, p[i])
 		}
 	}
+	if !utf8.ValidString(p) {
+		t.Fatalf("accepted path, %s %q, is not valid UTF-8", what, p)
+	}
 	if p == "/" {
 		return
 	}
@@ -173,6 +216,8 @@ func checkCanonical(t *testing.T, what, p string) {
 		switch {
 		case s == "." || s == "..":
 			t.Fatalf("accepted path, %s %q, has a %q segment", what, p, s)
+		case strings.HasPrefix(s, ".;") || strings.HasPrefix(s, "..;"):
+			t.Fatalf("accepted path, %s %q, has a dot segment with parameters %q", what, p, s)
 		case s == "" && i != len(segs)-1:
 			t.Fatalf("accepted path, %s %q, has an empty segment", what, p)
 		}

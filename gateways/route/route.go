@@ -38,6 +38,12 @@ type Route struct {
 	// Public routes are proxied without authorization or metering
 	// (health and model listings).
 	Public bool `json:"public,omitempty"`
+	// WebSocket lets an authorized client switch the connection to a
+	// WebSocket (an HTTP/1.1 GET with "Upgrade: websocket"). Routes that do
+	// not set it, and public routes, which cannot, refuse every protocol
+	// upgrade: a switched connection is a raw tunnel to the backend that
+	// the gateway can neither route, authorize nor meter request by request.
+	WebSocket bool `json:"websocket,omitempty"`
 	// BudgetFailMode says what happens when the budget store cannot be
 	// reached and the local lease is spent: "closed" (503, default) or
 	// "open" (allow).
@@ -110,6 +116,12 @@ func (t Table) Validate(backends map[string]Backend) error {
 			errs = append(errs, fmt.Errorf("%s: feature or feature_header is required (or public: true)", at))
 		case r.FeatureHeader != "" && len(r.Features) == 0:
 			errs = append(errs, fmt.Errorf("%s: feature_header needs the allowed features listed", at))
+		}
+		switch {
+		case r.WebSocket && r.Public:
+			errs = append(errs, fmt.Errorf("%s: a public route cannot accept websocket upgrades", at))
+		case r.WebSocket && len(r.Methods) > 0 && !slices.Contains(r.Methods, http.MethodGet):
+			errs = append(errs, fmt.Errorf("%s: websocket needs GET among the methods (the handshake is a GET)", at))
 		}
 		if r.BudgetFailMode != "" && r.BudgetFailMode != FailClosed && r.BudgetFailMode != FailOpen {
 			errs = append(errs, fmt.Errorf("%s: budget_fail_mode %q: want closed or open", at, r.BudgetFailMode))

@@ -47,6 +47,8 @@ func TestTableValidate(t *testing.T) {
 		{name: "fail closed", routes: with(func(r *route.Route) { r.BudgetFailMode = route.FailClosed })},
 		{name: "any method", routes: with(func(r *route.Route) { r.Methods = nil })},
 		{name: "http2 backend", routes: with(func(r *route.Route) { r.Backend = "duo_workflow" })},
+		{name: "websocket", routes: with(func(r *route.Route) { r.Methods, r.WebSocket = []string{"GET"}, true })},
+		{name: "websocket any method", routes: with(func(r *route.Route) { r.Methods, r.WebSocket = nil, true })},
 		{name: "https backend", routes: []route.Route{validRoute()},
 			backends: map[string]route.Backend{"ai_gateway": {URL: "https://ai.example.com", Audience: "a"}}},
 
@@ -67,6 +69,10 @@ func TestTableValidate(t *testing.T) {
 		{name: "header without features", routes: with(func(r *route.Route) {
 			r.Feature, r.FeatureHeader = "", "X-Gitlab-Unit-Primitive"
 		}), wantErr: "needs the allowed features"},
+		{name: "public websocket", routes: with(func(r *route.Route) {
+			r.Feature, r.Public, r.Methods, r.WebSocket = "", true, []string{"GET"}, true
+		}), wantErr: "a public route cannot accept websocket upgrades"},
+		{name: "websocket without GET", routes: with(func(r *route.Route) { r.WebSocket = true }), wantErr: "websocket needs GET"},
 		{name: "bad fail mode", routes: with(func(r *route.Route) { r.BudgetFailMode = "sometimes" }), wantErr: "budget_fail_mode"},
 		{name: "lower-case method", routes: with(func(r *route.Route) { r.Methods = []string{"post"} }), wantErr: "want one of"},
 		{name: "empty method", routes: with(func(r *route.Route) { r.Methods = []string{""} }), wantErr: "want one of"},
@@ -144,6 +150,26 @@ func TestTableValidateRejectsWhatMuxCannotBuild(t *testing.T) {
 			}()
 			tbl.Mux(func(route.Route) http.Handler { return http.NotFoundHandler() }, nil, nil)
 		}()
+	}
+}
+
+// TestRouteYAML: route tables are YAML; websocket is the key that opts a
+// route in to WebSocket upgrades, and it is off unless set.
+func TestRouteYAML(t *testing.T) {
+	t.Parallel()
+	var tbl route.Table
+	err := config.Parse("routes.yaml", []byte(`routes:
+  - {name: ws, path: /v1/ws, methods: [GET], feature: duo_chat, backend: ai_gateway, websocket: true}
+  - {name: plain, path: /v1/plain, methods: [GET], feature: duo_chat, backend: ai_gateway}
+`), &tbl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(tbl.Routes) != 2 || !tbl.Routes[0].WebSocket || tbl.Routes[1].WebSocket {
+		t.Fatalf("routes %+v; want websocket on the first only", tbl.Routes)
+	}
+	if err := tbl.Validate(testBackends); err != nil {
+		t.Fatal(err)
 	}
 }
 
