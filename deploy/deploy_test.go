@@ -23,6 +23,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/gateways/routes"
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/decision"
+	"github.com/cloud-connector/cloud-connector/services/server"
 	"github.com/cloud-connector/cloud-connector/services/token"
 )
 
@@ -37,7 +38,14 @@ const (
 	decisionConfigFile = "decision.yaml"
 	// gatewayCloseBound is how long gateway.Run may spend after the drain
 	// returning budget leases and flushing usage (its close timeout).
-	gatewayCloseBound = 15 * time.Second
+	gatewayCloseBound = gateway.CloseTimeout
+	// adminDrain is how long a process may keep its admin port open after
+	// the public drain, for requests in flight there (a metrics scrape).
+	adminDrain = server.AdminDrain
+	// graceMargin is the least slack the grace period must leave over the
+	// worst-case shutdown: process exit, log flush, a kubelet that is slow
+	// to send SIGTERM after preStop.
+	graceMargin = 5 * time.Second
 )
 
 // configs is every example config, loaded strictly into the real types.

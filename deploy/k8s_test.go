@@ -681,10 +681,10 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 	switch g, isGateway := cs.gateways[cp.binary]; {
 	case cp.binary == "decision":
 		d := cs.decision.WithDefaults()
-		listen, adminListen, drain = d.Listen, d.AdminListen, d.ShutdownDrain.D()
+		listen, adminListen, drain = d.Listen, d.AdminListen, d.ShutdownDrain.D()+adminDrain
 	case isGateway:
 		g = g.WithDefaults()
-		listen, adminListen, drain = g.Listen, g.AdminListen, g.ShutdownDrain.D()+gatewayCloseBound
+		listen, adminListen, drain = g.Listen, g.AdminListen, g.ShutdownDrain.D()+adminDrain+gatewayCloseBound
 		if g.Name != cp.binary {
 			t.Errorf("%s runs %s with a config named %q", o, cp.binary, g.Name)
 		}
@@ -727,8 +727,10 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 	}
 
 	// Shutdown: the endpoint leaves load balancers during preStop, then
-	// SIGTERM starts a drain bounded by shutdown_drain (plus, for gateways,
-	// returning leases and flushing usage); the grace period covers both.
+	// SIGTERM starts the public drain bounded by shutdown_drain, after which
+	// the admin port drains (adminDrain) and gateways return leases and
+	// flush usage (gatewayCloseBound); the grace period covers all of it
+	// with a margin, or the kubelet's SIGKILL cuts the last step.
 	var sleep time.Duration
 	if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
 		t.Error("no preStop sleep: SIGTERM would arrive while the endpoint still receives traffic")
@@ -737,9 +739,10 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 	}
 	if ps.TerminationGracePeriodSeconds == nil {
 		t.Error("terminationGracePeriodSeconds unset (default 30s)")
-	} else if grace := time.Duration(*ps.TerminationGracePeriodSeconds) * time.Second; grace <= sleep+drain {
-		t.Errorf("terminationGracePeriodSeconds %s must exceed preStop sleep %s + shutdown %s (shutdown_drain, plus %s for gateways to return leases and flush usage)",
-			grace, sleep, drain, gatewayCloseBound)
+	} else if grace := time.Duration(*ps.TerminationGracePeriodSeconds) * time.Second; grace < sleep+drain+graceMargin {
+		t.Errorf("terminationGracePeriodSeconds %s must be at least preStop sleep %s + shutdown %s + margin %s "+
+			"(shutdown is shutdown_drain + %s admin drain, plus %s for gateways to return leases and flush usage)",
+			grace, sleep, drain, graceMargin, adminDrain, gatewayCloseBound)
 	}
 
 	// Availability.

@@ -32,6 +32,9 @@ backends:
 		return p
 	}
 	good, typo := file("good.yaml", valid), file("typo.yaml", valid+"prefx: /ai\n")
+	routes := file("routes.yaml", "routes:\n  - {name: r, path: /r, feature: complete_code, backend: ai_gateway}\n")
+	negativeReload := file("reload.yaml", valid+"routes_file: "+routes+"\nroutes_reload_interval: \"-5s\"\n")
+	urlHost := file("host.yaml", valid+"hosts: [\"https://ai.cloud.example.com\"]\n")
 	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
 	withDB := env(map[string]string{"DATABASE_URL": dbURL, "DECISION_URL": "http://127.0.0.1:3"})
 	stopped, cancel := context.WithCancel(context.Background())
@@ -55,6 +58,11 @@ backends:
 		{"missing config", "ai", []string{"-config", filepath.Join(dir, "none.yaml")}, withDB, "read config"},
 		{"bad flag", "ai", []string{"-nope"}, withDB, "flag provided but not defined"},
 		{"extra args", "ai", []string{"-config", good, "serve"}, withDB, "unexpected arguments"},
+		// Once a panic in the reload loop, after the gateway said it was listening.
+		{"negative reload interval", "ai", []string{"-config", negativeReload}, withDB, "routes_reload_interval"},
+		{"host given as a URL", "ai", []string{"-config", urlHost}, withDB, "hosts"},
+		{"decision url without scheme", "ai", []string{"-config", good},
+			env(map[string]string{"DATABASE_URL": dbURL, "DECISION_URL": "decision:8080"}), "decision_url"},
 		{"bad log level", "ai", []string{"-config", good, "-log-level", "loud"}, withDB, "log level"},
 		{"no built-in routes", "nope", []string{"-config", good}, withDB, "no built-in routes"},
 		{"backends missing for the built-in routes", "cicd", []string{"-config", good}, withDB, "unknown backend"},

@@ -3,8 +3,13 @@ package gateway
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"net"
 	"net/netip"
+	"net/url"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -25,10 +30,12 @@ type Config struct {
 	// prefix is stripped before proxying.
 	Prefix string `json:"prefix"`
 	// Hosts serve the routes at the root for these Host names
-	// ("ai.cloud.example.com"). With neither Prefix nor Hosts, every
-	// request is served at the root.
+	// ("ai.cloud.example.com"): bare host names, optionally with a port,
+	// which is ignored (a request is matched by host name alone). With
+	// neither Prefix nor Hosts, every request is served at the root.
 	Hosts []string `json:"hosts"`
-	// DecisionURL is the decision service, e.g. "http://decision:8080".
+	// DecisionURL is the decision service, an absolute http(s) URL, e.g.
+	// "http://decision:8080".
 	DecisionURL string `json:"decision_url"`
 	// DatabaseURL is the PostgreSQL URL (DATABASE_URL overrides it).
 	DatabaseURL string `json:"database_url"`
@@ -37,7 +44,8 @@ type Config struct {
 	// RoutesFile replaces the built-in route table and is reloaded when it
 	// changes.
 	RoutesFile string `json:"routes_file"`
-	// RoutesReloadInterval is how often RoutesFile is checked. Default 5s.
+	// RoutesReloadInterval is how often RoutesFile is checked. Default 5s;
+	// must be positive.
 	RoutesReloadInterval config.Duration `json:"routes_reload_interval"`
 	// TrustedProxies are CIDRs of load balancers whose X-Forwarded-*
 	// headers are kept; from anyone else they are replaced.
@@ -46,6 +54,10 @@ type Config struct {
 	DecisionTimeout config.Duration `json:"decision_timeout"`
 	// DecisionCacheSize bounds cached decisions. Default 100000.
 	DecisionCacheSize int `json:"decision_cache_size"`
+	// DatabaseCheckInterval is how often the database is checked for the
+	// cloudconnector_database_up gauge and its log lines. Default 5s.
+	// Readiness never depends on the database.
+	DatabaseCheckInterval config.Duration `json:"database_check_interval"`
 	// UsageSpoolDir keeps usage events the database cannot take (outage)
 	// until they can be written. Empty: no spool.
 	UsageSpoolDir string `json:"usage_spool_dir"`
@@ -73,10 +85,14 @@ func (c Config) WithDefaults() Config {
 	if c.ShutdownDrain == 0 {
 		c.ShutdownDrain = config.Duration(30 * time.Second)
 	}
+	if c.DatabaseCheckInterval == 0 {
+		c.DatabaseCheckInterval = config.Duration(5 * time.Second)
+	}
 	c.Prefix = strings.TrimSuffix(c.Prefix, "/")
 	return c
 }
 
+// validate checks c after WithDefaults; every error names its key.
 func (c Config) validate() ([]netip.Prefix, error) {
 	var errs []error
 	if !nameRE.MatchString(c.Name) {
@@ -84,6 +100,35 @@ func (c Config) validate() ([]netip.Prefix, error) {
 	}
 	if c.DecisionURL == "" {
 		errs = append(errs, errors.New("decision_url is required"))
+	} else if u, err := url.Parse(c.DecisionURL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		errs = append(errs, fmt.Errorf("decision_url %q: want an absolute http(s) URL like http://decision:8080", c.DecisionURL))
+	}
+	for _, h := range c.Hosts {
+		if !validHost(h) {
+			errs = append(errs, fmt.Errorf("hosts: %q: want a bare host name like ai.cloud.example.com, optionally with a port, not a URL", h))
+		}
+	}
+	// Zero means the default (WithDefaults); intervals that drive a ticker
+	// must end up positive, or the reload would panic after start.
+	if c.RoutesReloadInterval <= 0 {
+		errs = append(errs, fmt.Errorf("routes_reload_interval %s: must be positive", c.RoutesReloadInterval.D()))
+	}
+	if c.DatabaseCheckInterval <= 0 {
+		errs = append(errs, fmt.Errorf("database_check_interval %s: must be positive", c.DatabaseCheckInterval.D()))
+	}
+	if c.ShutdownDrain <= 0 {
+		errs = append(errs, fmt.Errorf("shutdown_drain %s: must be positive", c.ShutdownDrain.D()))
+	}
+	if c.DecisionTimeout < 0 {
+		errs = append(errs, fmt.Errorf("decision_timeout %s: must not be negative", c.DecisionTimeout.D()))
+	}
+	if c.DecisionCacheSize < 0 {
+		errs = append(errs, fmt.Errorf("decision_cache_size %d: must not be negative", c.DecisionCacheSize))
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Backends)) {
+		if d := c.Backends[name].ResponseHeaderTimeout; d < 0 {
+			errs = append(errs, fmt.Errorf("backends.%s.response_header_timeout %s: must not be negative", name, d.D()))
+		}
 	}
 	if c.DatabaseURL == "" {
 		errs = append(errs, errors.New("database_url (or DATABASE_URL) is required"))
@@ -106,4 +151,23 @@ func (c Config) validate() ([]netip.Prefix, error) {
 		trusted = append(trusted, p)
 	}
 	return trusted, errors.Join(errs...)
+}
+
+// hostLabel is one DNS label: letters, digits and inner hyphens.
+const hostLabel = `[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?`
+
+var hostRE = regexp.MustCompile(`(?i)^` + hostLabel + `(?:\.` + hostLabel + `)*$`)
+
+// validHost reports whether s is a host name, optionally with a port: what
+// a Host header carries, never a URL, a path or a wildcard.
+func validHost(s string) bool {
+	host := s
+	if h, port, err := net.SplitHostPort(s); err == nil {
+		n, err := strconv.Atoi(port)
+		if err != nil || n < 1 || n > 65535 {
+			return false
+		}
+		host = h
+	}
+	return len(host) <= 253 && hostRE.MatchString(host)
 }

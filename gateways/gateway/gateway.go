@@ -41,9 +41,11 @@ type Gateway struct {
 	budget    *budget.Limiter
 	usage     *usage.Recorder
 	backends  map[string]*backend
+	hosts     []string // Config.Hosts without ports
 	mux       atomic.Pointer[http.Handler]
 	routesSum [32]byte
 	metrics   *metrics
+	database  *server.Dependency
 
 	proc          *server.Process
 	sessions      *sessions
@@ -54,7 +56,14 @@ type Gateway struct {
 	usageStopped  chan struct{}
 }
 
-// New builds a gateway from cfg and opens its listeners; Run serves.
+// CloseTimeout bounds the work Run does after the drain: returning budget
+// leases and flushing recorded usage.
+const CloseTimeout = 15 * time.Second
+
+// New builds a gateway from cfg and opens its listeners; Run serves. It
+// fails if the database answers but does not carry the schema this binary
+// needs; a database that does not answer is an outage the gateway serves
+// through (see Run).
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err error) {
 	cfg = cfg.WithDefaults()
 	trusted, err := cfg.validate()
@@ -62,7 +71,8 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, fmt.Errorf("gateway config: %w", err)
 	}
 	logger = logger.With("gateway", cfg.Name)
-	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}, sessions: newSessions()}
+	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}, hosts: hostNames(cfg.Hosts),
+		sessions: newSessions()}
 	g.bgCtx, g.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -89,6 +99,16 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 	if g.pool, err = pgxpool.New(ctx, cfg.DatabaseURL); err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)
 	}
+	g.database = server.NewDependency(server.DependencyConfig{
+		Name:       "database",
+		Ping:       g.pool.Ping,
+		Verify:     func(ctx context.Context) error { return migrations.Check(ctx, g.pool) },
+		Interval:   cfg.DatabaseCheckInterval.D(),
+		Registerer: reg,
+	}, logger)
+	if err := g.database.Start(ctx); err != nil {
+		return nil, err
+	}
 	if g.decisions, err = decisions.New(decisions.Config{
 		URL: cfg.DecisionURL, Timeout: cfg.DecisionTimeout.D(), CacheSize: cfg.DecisionCacheSize, Registerer: reg,
 	}); err != nil {
@@ -99,10 +119,10 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, err
 	}
 
-	g.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), g, reg, logger,
-		server.Check{Name: "database", Fn: g.pool.Ping},
-		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, g.pool) }},
-	)
+	// Readiness leaves the database out: an outage must not empty the
+	// Service, or the degraded mode (leases in hand, the usage spool,
+	// fail-open routes) would never serve. g.database reports it instead.
+	g.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), g, reg, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -144,16 +164,34 @@ func (g *Gateway) hostMounted(host string) bool {
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
 	}
-	return slices.ContainsFunc(g.cfg.Hosts, func(h string) bool { return strings.EqualFold(h, host) })
+	return slices.ContainsFunc(g.hosts, func(h string) bool { return strings.EqualFold(h, host) })
+}
+
+// hostNames returns hosts without their ports: a request is matched by its
+// host name alone, whatever port it names.
+func hostNames(hosts []string) []string {
+	names := make([]string, len(hosts))
+	for i, h := range hosts {
+		if name, _, err := net.SplitHostPort(h); err == nil {
+			h = name
+		}
+		names[i] = h
+	}
+	return names
 }
 
 // Run serves until ctx is done, then drains in-flight requests, returns
-// budget leases, flushes usage and releases every resource.
+// budget leases, flushes usage and releases every resource. While the
+// database is unreachable it keeps serving: budgets from the leases in hand
+// and then each route's fail mode, usage into the spool; the gauge
+// cloudconnector_database_up and a log line on every change report it.
 func (g *Gateway) Run(ctx context.Context) error {
 	g.logger.Info("gateway listening", "addr", g.Addr(), "admin", g.AdminAddr(), "prefix", g.cfg.Prefix, "hosts", g.cfg.Hosts)
 	g.budgetStopped, g.usageStopped = make(chan struct{}), make(chan struct{})
 	go func() { defer close(g.budgetStopped); g.budget.Run(g.bgCtx) }()
 	go func() { defer close(g.usageStopped); g.usage.Run(g.bgCtx) }()
+	g.bg.Add(1)
+	go func() { defer g.bg.Done(); g.database.Run(g.bgCtx) }()
 	if g.cfg.RoutesFile != "" {
 		g.bg.Add(1)
 		go func() { defer g.bg.Done(); g.watchRoutes(g.bgCtx) }()
@@ -171,7 +209,7 @@ func (g *Gateway) Run(ctx context.Context) error {
 	<-g.budgetStopped
 	<-g.usageStopped
 	g.bg.Wait()
-	closeCtx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	closeCtx, cancel := context.WithTimeout(context.Background(), CloseTimeout)
 	defer cancel()
 	if err := g.budget.Close(closeCtx); err != nil {
 		errs = append(errs, fmt.Errorf("return budget leases: %w", err))

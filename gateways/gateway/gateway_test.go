@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -283,6 +284,7 @@ type env struct {
 	fake   *fakeDecider
 	dbURL  string
 	client *http.Client
+	logs   *servertest.Buffer
 	// stop cancels Run and waits for it to return; later calls return the
 	// first result. Usage events are in the database once it returns.
 	stop func() error
@@ -344,6 +346,7 @@ func setup(tb testing.TB, o options) *env {
 	tb.Cleanup(client.CloseIdleConnections)
 	return &env{
 		g: g, cfg: cfg, base: "http://" + g.Addr() + cfg.Prefix, fake: fake, dbURL: dbURL, client: client, stop: stop,
+		logs: logs,
 	}
 }
 
@@ -588,5 +591,128 @@ func eventually(tb testing.TB, what string, cond func() bool) {
 			tb.Fatalf("timed out waiting for %s", what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// throughProxy points c's database URL at a proxy that the test can cut.
+func throughProxy(tb testing.TB, c *gateway.Config) *servertest.Proxy {
+	tb.Helper()
+	u, err := url.Parse(c.DatabaseURL)
+	if err != nil || u.Host == "" {
+		tb.Skipf("database URL %q has no TCP host to proxy", c.DatabaseURL)
+	}
+	p := servertest.StartProxy(tb, u.Host)
+	u.Host = p.Addr()
+	c.DatabaseURL = u.String()
+	return p
+}
+
+// admin GETs path on the admin port.
+func (e *env) admin(tb testing.TB, path string) (int, string) {
+	tb.Helper()
+	res, err := e.client.Get("http://" + e.g.AdminAddr() + path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return res.StatusCode, string(b)
+}
+
+// TestDatabaseOutageKeepsReady checks that a Postgres outage does not take
+// the gateway out of its Service: it stays ready so that the degraded mode
+// (leases in hand, the usage spool, fail-open routes) serves, and reports
+// the outage through cloudconnector_database_up and its logs instead.
+func TestDatabaseOutageKeepsReady(t *testing.T) {
+	t.Parallel()
+	var db *servertest.Proxy
+	e := setup(t, options{configure: func(c *gateway.Config) {
+		db = throughProxy(t, c)
+		c.UsageSpoolDir = t.TempDir()
+		c.DatabaseCheckInterval = config.Duration(10 * time.Millisecond)
+	}})
+	if code, body := e.admin(t, "/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz with the database up = %d %s", code, body)
+	}
+	if got := e.metric(t, "cloudconnector_database_up"); got != 1 {
+		t.Fatalf("cloudconnector_database_up = %v with the database up; want 1", got)
+	}
+
+	db.Cut()
+	if code, body := e.admin(t, "/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz with the database down = %d %s; want 200", code, body)
+	}
+	if code, _ := e.admin(t, "/healthz"); code != http.StatusOK {
+		t.Fatalf("/healthz with the database down = %d; want 200", code)
+	}
+	eventually(t, "the outage on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 0 })
+	if !strings.Contains(e.logs.String(), "database unavailable") {
+		t.Errorf("no log line reports the outage:\n%s", e.logs)
+	}
+	if r := e.post(t, "/v1/open", "allow"); r.status != http.StatusOK {
+		t.Errorf("fail-open route with the database down: status %d; want 200", r.status)
+	}
+	if code, body := e.admin(t, "/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz after the outage was noticed = %d %s; want 200", code, body)
+	}
+
+	db.Restore()
+	eventually(t, "the recovery on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
+	if !strings.Contains(e.logs.String(), "database available") {
+		t.Errorf("no log line reports the recovery:\n%s", e.logs)
+	}
+}
+
+// TestStartWithoutDatabase checks that a gateway starts while the database
+// is unreachable (it serves degraded), and that it checks the schema once
+// the database answers.
+func TestStartWithoutDatabase(t *testing.T) {
+	t.Parallel()
+	var db *servertest.Proxy
+	e := setup(t, options{configure: func(c *gateway.Config) {
+		db = throughProxy(t, c)
+		db.Cut()
+		c.UsageSpoolDir = t.TempDir()
+		c.DatabaseCheckInterval = config.Duration(10 * time.Millisecond)
+	}})
+	if code, body := e.admin(t, "/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz of a gateway started without its database = %d %s; want 200", code, body)
+	}
+	if got := e.metric(t, "cloudconnector_database_up"); got != 0 {
+		t.Fatalf("cloudconnector_database_up = %v; want 0", got)
+	}
+	db.Restore()
+	eventually(t, "the database on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
+}
+
+// TestNewRequiresMigratedSchema checks that a gateway refuses to start on a
+// database the migration job has not brought to its schema version.
+func TestNewRequiresMigratedSchema(t *testing.T) {
+	t.Parallel()
+	dbURL := pgtest.URL(t)
+	pool, err := pgxpool.New(context.Background(), dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	if _, err := pool.Exec(context.Background(), "UPDATE schema_version SET version = 1"); err != nil {
+		t.Fatal(err)
+	}
+	g, err := gateway.New(context.Background(), gateway.Config{
+		Name: "ai", Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL, DecisionURL: "http://127.0.0.1:1",
+		Backends: map[string]route.Backend{"main": {URL: "http://127.0.0.1:1", Audience: "a"}},
+		Routes:   route.Table{Routes: []route.Route{{Name: "r", Path: "/r", Feature: "f", Backend: "main"}}},
+	}, slog.New(slog.DiscardHandler))
+	if err == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		g.Run(ctx)
+		t.Fatal("New started on a database behind the embedded schema")
+	}
+	if !strings.Contains(err.Error(), "run migrations") {
+		t.Fatalf("New error = %v; want one telling the operator to run migrations", err)
 	}
 }

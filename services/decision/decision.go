@@ -10,6 +10,10 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/netip"
+	"net/url"
+	"strings"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -40,16 +44,27 @@ type Config struct {
 	PolicyDir string `json:"policy_dir"`
 	// PolicyReloadInterval is how often PolicyDir is checked. Default 5s.
 	PolicyReloadInterval config.Duration `json:"policy_reload_interval"`
-	// OrganizationCacheTTL is how long organization lookups are reused.
-	// Default 30s.
+	// OrganizationCacheTTL is how long organization lookups are reused,
+	// and so how long known organizations keep being answered through a
+	// database outage. Default 30s.
 	OrganizationCacheTTL config.Duration `json:"organization_cache_ttl"`
+	// DatabaseCheckInterval is how often the database is checked for the
+	// cloudconnector_database_up gauge and its log lines. Default 5s.
+	// Readiness never depends on the database.
+	DatabaseCheckInterval config.Duration `json:"database_check_interval"`
 	// ShutdownDrain bounds graceful shutdown. Default 15s.
 	ShutdownDrain config.Duration `json:"shutdown_drain"`
 	Token         TokenConfig     `json:"token"`
 }
 
-// TokenConfig configures token verification; see token.Config.
+// TokenConfig configures token verification; see token.Config. Durations
+// left zero take token.Config's defaults.
 type TokenConfig struct {
+	// Issuers are the trusted issuers. An issuer whose keys come from
+	// OIDC discovery must be an absolute https URL (http only on a
+	// loopback host, for development); one with jwks_url or jwks_file may
+	// be any name its tokens carry in iss, and jwks_url must be https
+	// (again, http only on loopback).
 	Issuers                   []token.IssuerConfig `json:"issuers"`
 	Algorithms                []string             `json:"algorithms"`
 	ClockSkew                 config.Duration      `json:"clock_skew"`
@@ -69,33 +84,117 @@ func (c Config) WithDefaults() Config {
 	if c.ShutdownDrain == 0 {
 		c.ShutdownDrain = config.Duration(15 * time.Second)
 	}
+	if c.DatabaseCheckInterval == 0 {
+		c.DatabaseCheckInterval = config.Duration(5 * time.Second)
+	}
 	return c
 }
 
+// validate checks c after WithDefaults; every error names its key.
 func (c Config) validate() error {
+	var errs []error
 	if c.DatabaseURL == "" {
-		return errors.New("database_url (or DATABASE_URL) is required")
+		errs = append(errs, errors.New("database_url (or DATABASE_URL) is required"))
+	}
+	// Zero means the default, here or in the package the value is for.
+	for _, d := range []struct {
+		key string
+		v   config.Duration
+	}{
+		{"policy_reload_interval", c.PolicyReloadInterval},
+		{"organization_cache_ttl", c.OrganizationCacheTTL},
+		{"token.clock_skew", c.Token.ClockSkew},
+		{"token.key_refresh_interval", c.Token.KeyRefreshInterval},
+		{"token.unknown_key_refetch_interval", c.Token.UnknownKeyRefetchInterval},
+		{"token.max_key_staleness", c.Token.MaxKeyStaleness},
+	} {
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s %s: must not be negative", d.key, d.v.D()))
+		}
+	}
+	if c.DatabaseCheckInterval <= 0 {
+		errs = append(errs, fmt.Errorf("database_check_interval %s: must be positive", c.DatabaseCheckInterval.D()))
+	}
+	if c.ShutdownDrain <= 0 {
+		errs = append(errs, fmt.Errorf("shutdown_drain %s: must be positive", c.ShutdownDrain.D()))
 	}
 	if len(c.Token.Issuers) == 0 {
-		return errors.New("token.issuers: at least one trusted issuer is required")
+		errs = append(errs, errors.New("token.issuers: at least one trusted issuer is required"))
+	}
+	for i, ic := range c.Token.Issuers {
+		if err := validateIssuer(ic); err != nil {
+			errs = append(errs, fmt.Errorf("token.issuers[%d]%w", i, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// validateIssuer checks where an issuer's keys come from: over https, or
+// plain http to a loopback host (tests, the devstack), or from a file.
+// Keys fetched over plain http from anywhere else could be swapped in
+// transit, and any token signed with them would verify. Its errors start
+// with the key below token.issuers[i].
+func validateIssuer(ic token.IssuerConfig) error {
+	switch {
+	case ic.JWKSFile != "":
+		return nil // the issuer is just the iss claim's value
+	case ic.JWKSURL != "":
+		if err := secureURL(ic.JWKSURL); err != nil {
+			return fmt.Errorf(".jwks_url %q: %w", ic.JWKSURL, err)
+		}
+		return nil
+	}
+	if err := secureURL(ic.Issuer); err != nil {
+		return fmt.Errorf(".issuer %q: %w (its keys are found by OIDC discovery; or set jwks_url or jwks_file)", ic.Issuer, err)
+	}
+	if u, _ := url.Parse(ic.Issuer); u.RawQuery != "" || u.Fragment != "" {
+		return fmt.Errorf(".issuer %q: an OIDC issuer has no query or fragment", ic.Issuer)
 	}
 	return nil
 }
 
+// secureURL accepts an absolute https URL, or an http one whose host is a
+// loopback address or localhost.
+func secureURL(raw string) error {
+	u, err := url.Parse(raw)
+	switch {
+	case err != nil:
+		return err
+	case u.Host == "" || u.Hostname() == "" || (u.Scheme != "https" && u.Scheme != "http"):
+		return errors.New("want an absolute https URL")
+	case u.Scheme == "http" && !loopback(u.Hostname()):
+		return errors.New("want https (plain http only for a loopback host)")
+	}
+	return nil
+}
+
+func loopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	a, err := netip.ParseAddr(host)
+	return err == nil && a.IsLoopback()
+}
+
 // Server is a running decision service.
 type Server struct {
-	cfg    Config
-	logger *slog.Logger
-	pool   *pgxpool.Pool
-	engine *opa.Engine
-	health *grpchealth.StaticChecker
-	proc   *server.Process
-	cancel context.CancelFunc
-	bgCtx  context.Context
+	cfg      Config
+	logger   *slog.Logger
+	pool     *pgxpool.Pool
+	database *server.Dependency
+	engine   *opa.Engine
+	health   *grpchealth.StaticChecker
+	proc     *server.Process
+	cancel   context.CancelFunc
+	bgCtx    context.Context
+	bg       sync.WaitGroup
 }
 
 // New builds the service and opens its listeners; Run serves. Background
-// work (key refresh, policy reload) stops when Run returns.
+// work (key refresh, policy reload, database checks) stops when Run
+// returns. New fails if the database answers but does not carry the schema
+// this binary needs; a database that does not answer is an outage the
+// service serves through, from cached organizations.
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.validate(); err != nil {
@@ -116,6 +215,16 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 	}
 	if s.pool, err = pgxpool.NewWithConfig(ctx, poolCfg); err != nil {
 		return nil, fmt.Errorf("open database pool: %w", err)
+	}
+	s.database = server.NewDependency(server.DependencyConfig{
+		Name:       "database",
+		Ping:       s.pool.Ping,
+		Verify:     func(ctx context.Context) error { return migrations.Check(ctx, s.pool) },
+		Interval:   cfg.DatabaseCheckInterval.D(),
+		Registerer: reg,
+	}, logger)
+	if err := s.database.Start(ctx); err != nil {
+		return nil, err
 	}
 	verifier, err := token.New(s.bgCtx, token.Config{
 		Issuers:                   cfg.Token.Issuers,
@@ -151,10 +260,10 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 	reflector := grpcreflect.NewStaticReflector(authzv1connect.AuthorizationServiceName, grpchealth.HealthV1ServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
-	s.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), mux, reg, logger,
-		server.Check{Name: "database", Fn: s.pool.Ping},
-		server.Check{Name: "schema", Fn: func(ctx context.Context) error { return migrations.Check(ctx, s.pool) }},
-	)
+	// Readiness leaves the database out: an outage must not empty the
+	// Service while cached organizations can still be answered.
+	// s.database reports it instead.
+	s.proc, err = server.NewProcess(cfg.Listen, cfg.AdminListen, cfg.ShutdownDrain.D(), mux, reg, logger)
 	if err != nil {
 		return nil, err
 	}
@@ -174,6 +283,8 @@ func (s *Server) Run(ctx context.Context) error {
 	s.logger.Info("decision service listening", "addr", s.Addr(), "admin", s.AdminAddr(),
 		"policy_revision", s.engine.Revision())
 	go s.engine.Run(s.bgCtx)
+	s.bg.Add(1)
+	go func() { defer s.bg.Done(); s.database.Run(s.bgCtx) }()
 	err := s.proc.Run(ctx, func() {
 		s.health.SetStatus("", grpchealth.StatusNotServing)
 		s.health.SetStatus(authzv1connect.AuthorizationServiceName, grpchealth.StatusNotServing)
@@ -184,6 +295,7 @@ func (s *Server) Run(ctx context.Context) error {
 
 func (s *Server) close() {
 	s.cancel()
+	s.bg.Wait() // the database checks use the pool
 	if s.pool != nil {
 		s.pool.Close()
 	}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"slices"
 	"strings"
 	"testing"
@@ -27,6 +28,7 @@ import (
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
 	"github.com/cloud-connector/cloud-connector/services/authz"
+	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/decision"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
 	"github.com/cloud-connector/cloud-connector/services/server/servertest"
@@ -55,8 +57,9 @@ type service struct {
 
 // start runs the decision service on loopback ports against a fresh
 // database with one premium organization owning instanceID with duo_pro,
-// and waits until it answers /healthz.
-func start(t testing.TB) service {
+// and waits until it answers /healthz. configure, if given, edits the
+// config before New.
+func start(t testing.TB, configure ...func(*decision.Config)) service {
 	t.Helper()
 	iss := tokentest.Start(t)
 	dbURL := pgtest.URL(t)
@@ -74,15 +77,19 @@ func start(t testing.TB) service {
 		t.Fatalf("seed: %v", err)
 	}
 
-	ctx, cancel := context.WithCancel(context.Background())
-	s, err := decision.New(ctx, decision.Config{
+	cfg := decision.Config{
 		Listen:      "127.0.0.1:0",
 		AdminListen: "127.0.0.1:0",
 		DatabaseURL: dbURL,
 		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{
 			{Issuer: iss.URL(), Audiences: []string{aiGateway, "gitlab-cicd"}},
 		}},
-	}, discard)
+	}
+	for _, f := range configure {
+		f(&cfg)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s, err := decision.New(ctx, cfg, discard)
 	if err != nil {
 		cancel()
 		t.Fatalf("decision.New: %v", err)
@@ -410,4 +417,106 @@ func grepLines(s, substr string) string {
 		}
 	}
 	return strings.Join(out, "")
+}
+
+// throughProxy points c's database URL at a proxy that the test can cut.
+func throughProxy(tb testing.TB, c *decision.Config) *servertest.Proxy {
+	tb.Helper()
+	u, err := url.Parse(c.DatabaseURL)
+	if err != nil || u.Host == "" {
+		tb.Skipf("database URL %q has no TCP host to proxy", c.DatabaseURL)
+	}
+	p := servertest.StartProxy(tb, u.Host)
+	u.Host = p.Addr()
+	c.DatabaseURL = u.String()
+	return p
+}
+
+// TestDatabaseOutageKeepsReady checks that a Postgres outage does not take
+// the decision service out of its Service: cached organizations keep
+// answering, so it stays ready and keeps authorizing them, and reports the
+// outage through cloudconnector_database_up instead.
+func TestDatabaseOutageKeepsReady(t *testing.T) {
+	t.Parallel()
+	var db *servertest.Proxy
+	s := start(t, func(c *decision.Config) {
+		db = throughProxy(t, c)
+		c.DatabaseCheckInterval = config.Duration(10 * time.Millisecond)
+	})
+	client := authzv1connect.NewAuthorizationServiceClient(s.client, s.baseURL)
+	authorize := func() *authzv1.AuthorizeResponse {
+		t.Helper()
+		res, err := client.Authorize(context.Background(), connect.NewRequest(authorizeRequest(t, s.issuer)))
+		if err != nil {
+			t.Fatalf("Authorize: %v", err)
+		}
+		return res.Msg
+	}
+	databaseUp := func(v string) func() bool {
+		return func() bool {
+			_, body := get(t, s.admin+"/metrics")
+			return strings.Contains(body, "\ncloudconnector_database_up "+v+"\n")
+		}
+	}
+	if got := authorize().GetOutcome(); got != authzv1.Outcome_OUTCOME_ALLOW {
+		t.Fatalf("outcome with the database up = %v", got)
+	}
+	if !databaseUp("1")() {
+		t.Fatal("cloudconnector_database_up is not 1 with the database up")
+	}
+
+	db.Cut()
+	if code, body := get(t, s.admin+"/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz with the database down = %d %s; want 200", code, body)
+	}
+	eventually(t, "the outage on the gauge", databaseUp("0"))
+	if code, body := get(t, s.admin+"/readyz"); code != http.StatusOK {
+		t.Fatalf("/readyz after the outage was noticed = %d %s; want 200", code, body)
+	}
+	if got := authorize().GetOutcome(); got != authzv1.Outcome_OUTCOME_ALLOW {
+		t.Errorf("outcome for a cached organization with the database down = %v; want allow", got)
+	}
+
+	db.Restore()
+	eventually(t, "the recovery on the gauge", databaseUp("1"))
+}
+
+// eventually polls cond until it holds or a generous deadline passes.
+func eventually(tb testing.TB, what string, cond func() bool) {
+	tb.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			tb.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestNewRequiresMigratedSchema checks that the service refuses to start on
+// a database the migration job has not brought to its schema version.
+func TestNewRequiresMigratedSchema(t *testing.T) {
+	t.Parallel()
+	dbURL := pgtest.URL(t)
+	pool, err := pgxpool.New(context.Background(), dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	if _, err := pool.Exec(context.Background(), "DROP TABLE schema_version"); err != nil {
+		t.Fatal(err)
+	}
+	s, err := decision.New(context.Background(), decision.Config{
+		Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL,
+		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{{Issuer: "https://customers.example", Audiences: []string{aiGateway}}}},
+	}, discard)
+	if err == nil {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		s.Run(ctx)
+		t.Fatal("New started on an unmigrated database")
+	}
+	if !strings.Contains(err.Error(), "run migrations") {
+		t.Fatalf("New error = %v; want one telling the operator to run migrations", err)
+	}
 }

@@ -12,20 +12,28 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// AdminDrain bounds the admin server's own drain, which starts only after
+// the public drain has finished: a process may take up to its public drain
+// plus AdminDrain to stop serving after shutdown begins.
+const AdminDrain = 5 * time.Second
+
 // Process runs a public server and its admin server through a graceful
 // shutdown: readiness fails first, the public server drains in-flight
 // requests (streams included), and only then the admin server stops, so
 // probes and metrics keep answering during the drain.
+//
+// Readiness reflects only the process's own state: it fails before Run
+// serves (the admin port does not answer yet) and once shutdown begins.
+// Dependencies the process can serve without, degraded, such as its
+// database, are watched by a Dependency instead: failing readiness on a
+// shared dependency would take every replica out of its Service at once.
 type Process struct {
 	Public, Admin     *http.Server
 	PublicLn, AdminLn net.Listener
 	// Drain bounds the public server's drain.
 	Drain time.Duration
-	// DrainDelay keeps serving normally for a moment after shutdown starts
-	// while readiness already fails, so load balancers stop sending new
-	// requests before the listener closes. Default 0.
-	DrainDelay time.Duration
 
+	logger   *slog.Logger
 	draining atomic.Bool
 }
 
@@ -44,7 +52,7 @@ func NewProcess(listen, adminListen string, drain time.Duration, h http.Handler,
 		ln.Close()
 		return nil, err
 	}
-	p := &Process{PublicLn: ln, AdminLn: adminLn, Drain: drain, Public: New(h, true, logger)}
+	p := &Process{PublicLn: ln, AdminLn: adminLn, Drain: drain, Public: New(h, true, logger), logger: logger}
 	p.Admin = New(Admin(reg, append([]Check{{Name: "shutdown", Fn: p.Ready}}, checks...)...), false, logger)
 	return p, nil
 }
@@ -70,7 +78,8 @@ func (p *Process) Ready(context.Context) error {
 }
 
 // Run serves until ctx is done or a server fails, then shuts down as
-// described on Process. onDrain runs when draining begins.
+// described on Process. onDrain runs when draining begins, after readiness
+// has started failing and before the public listener closes.
 func (p *Process) Run(ctx context.Context, onDrain func()) error {
 	publicCtx, stopPublic := context.WithCancel(context.WithoutCancel(ctx))
 	adminCtx, stopAdmin := context.WithCancel(context.WithoutCancel(ctx))
@@ -78,28 +87,41 @@ func (p *Process) Run(ctx context.Context, onDrain func()) error {
 	defer stopAdmin()
 	publicErr, adminErr := make(chan error, 1), make(chan error, 1)
 	go func() { publicErr <- Serve(publicCtx, p.Public, p.PublicLn, p.Drain) }()
-	go func() { adminErr <- Serve(adminCtx, p.Admin, p.AdminLn, 5*time.Second) }()
+	go func() { adminErr <- Serve(adminCtx, p.Admin, p.AdminLn, AdminDrain) }()
 
 	var errs []error
+	cause := "shutdown requested"
 	select {
 	case <-ctx.Done():
 	case err := <-publicErr:
 		errs = append(errs, err)
 		publicErr = nil
+		cause = "public server failed"
 	case err := <-adminErr:
 		errs = append(errs, err)
 		adminErr = nil
+		cause = "admin server failed"
 	}
 	p.draining.Store(true)
+	start := time.Now()
+	// Readiness fails from here on; say so, as it is why the pod leaves
+	// its Service.
+	attrs := []any{"cause", cause, "ready", false, "drain", p.Drain, "public", p.Addr()}
+	if err := errors.Join(errs...); err != nil {
+		attrs = append(attrs, "error", err)
+	}
+	p.logger.Info("drain started", attrs...)
 	if onDrain != nil {
 		onDrain()
 	}
-	if p.DrainDelay > 0 && ctx.Err() != nil {
-		time.Sleep(p.DrainDelay)
-	}
 	stopPublic()
 	if publicErr != nil {
-		errs = append(errs, <-publicErr)
+		if err := <-publicErr; err != nil {
+			errs = append(errs, err)
+			p.logger.Warn("drain finished", "took", time.Since(start).Round(time.Millisecond), "error", err)
+		} else {
+			p.logger.Info("drain finished", "took", time.Since(start).Round(time.Millisecond))
+		}
 	}
 	stopAdmin()
 	if adminErr != nil {

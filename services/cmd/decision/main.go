@@ -1,9 +1,10 @@
 // Command decision runs the authorization decision service.
 //
-//	decision [serve] -config decision.yaml   serve the Authorize API
-//	decision migrate                         apply database migrations
+//	decision [serve] [flags]   serve the Authorize API
+//	decision migrate [flags]   apply database migrations
 //
-// DATABASE_URL overrides the config's database_url.
+// Flags may come before or after the command. DATABASE_URL overrides the
+// config's database_url; decision -h lists the flags and variables.
 package main
 
 import (
@@ -32,18 +33,58 @@ func main() {
 	}
 }
 
+const usage = `Usage:
+  decision [serve] [flags]   serve the Authorize API (the default command)
+  decision migrate [flags]   apply the embedded database migrations, print
+                             the schema version and exit
+
+Flags may come before or after the command.
+
+Flags:
+%s
+Environment:
+  DATABASE_URL   PostgreSQL URL; overrides the config's database_url.
+                 migrate needs only this.
+  CONFIG_FILE    config file when -config is not given
+  LOG_LEVEL      log level when -log-level is not given
+`
+
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("decision", flag.ContinueOnError)
+	// Errors are returned (main prints them once); usage is printed here.
+	fs.SetOutput(io.Discard)
+	configPath := fs.String("config", getenv("CONFIG_FILE"), "YAML config `file` (see deploy/config/decision.yaml)")
+	logLevel := fs.String("log-level", getenv("LOG_LEVEL"), "debug, info, warn or error (default info)")
+	printUsage := func(w io.Writer) {
+		var flags strings.Builder
+		fs.SetOutput(&flags)
+		fs.PrintDefaults()
+		fs.SetOutput(io.Discard)
+		fmt.Fprintf(w, usage, flags.String())
+	}
+
+	// Flags, then at most one command, then flags again: flag stops at the
+	// first argument that is not a flag.
 	cmd := "serve"
-	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
-		cmd, args = args[0], args[1:]
+	err := fs.Parse(args)
+	if err == nil && fs.NArg() > 0 {
+		cmd = fs.Arg(0)
+		err = fs.Parse(fs.Args()[1:])
 	}
-	fs := flag.NewFlagSet("decision "+cmd, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	configPath := fs.String("config", getenv("CONFIG_FILE"), "YAML config file")
-	logLevel := fs.String("log-level", getenv("LOG_LEVEL"), "debug, info, warn or error")
-	if err := fs.Parse(args); err != nil {
-		return err
+	if errors.Is(err, flag.ErrHelp) {
+		printUsage(stdout)
+		return nil
 	}
+	if err != nil {
+		return fmt.Errorf("%w (see decision -h)", err)
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q after command %s (see decision -h)", fs.Args(), cmd)
+	}
+	if cmd != "serve" && cmd != "migrate" {
+		return fmt.Errorf("unknown command %q: want serve or migrate (see decision -h)", cmd)
+	}
+
 	logger, err := server.NewLogger(stderr, *logLevel)
 	if err != nil {
 		return err
@@ -57,20 +98,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if v := getenv("DATABASE_URL"); v != "" {
 		cfg.DatabaseURL = v
 	}
-	switch cmd {
-	case "serve":
+	if cmd == "serve" {
 		return decision.Run(ctx, cfg, logger)
-	case "migrate":
-		if cfg.DatabaseURL == "" {
-			return errors.New("migrate: set DATABASE_URL or database_url in -config")
-		}
-		v, err := migrations.UpURL(ctx, cfg.DatabaseURL)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(stdout, "schema at version %d\n", v)
-		return nil
-	default:
-		return fmt.Errorf("unknown command %q: want serve or migrate", cmd)
 	}
+	if cfg.DatabaseURL == "" {
+		return errors.New("migrate: set DATABASE_URL or database_url in -config")
+	}
+	v, err := migrations.UpURL(ctx, cfg.DatabaseURL)
+	if err != nil {
+		return fmt.Errorf("migrate: %w", err)
+	}
+	fmt.Fprintf(stdout, "schema at version %d\n", v)
+	return nil
 }
