@@ -123,6 +123,12 @@ func (t Table) Validate(backends map[string]Backend) error {
 		case r.WebSocket && len(r.Methods) > 0 && !slices.Contains(r.Methods, http.MethodGet):
 			errs = append(errs, fmt.Errorf("%s: websocket needs GET among the methods (the handshake is a GET)", at))
 		}
+		if r.Timeout < 0 {
+			errs = append(errs, fmt.Errorf("%s: timeout %s: must not be negative (0: none)", at, r.Timeout.D()))
+		}
+		if r.MaxRequestBytes < -1 {
+			errs = append(errs, fmt.Errorf("%s: max_request_bytes %d: want a positive size, 0 (default) or -1 (no limit)", at, r.MaxRequestBytes))
+		}
 		if r.BudgetFailMode != "" && r.BudgetFailMode != FailClosed && r.BudgetFailMode != FailOpen {
 			errs = append(errs, fmt.Errorf("%s: budget_fail_mode %q: want closed or open", at, r.BudgetFailMode))
 		}

@@ -73,6 +73,9 @@ func TestTableValidate(t *testing.T) {
 			r.Feature, r.Public, r.Methods, r.WebSocket = "", true, []string{"GET"}, true
 		}), wantErr: "a public route cannot accept websocket upgrades"},
 		{name: "websocket without GET", routes: with(func(r *route.Route) { r.WebSocket = true }), wantErr: "websocket needs GET"},
+		{name: "negative timeout", routes: with(func(r *route.Route) { r.Timeout = config.Duration(-time.Second) }), wantErr: "timeout -1s"},
+		{name: "negative body limit", routes: with(func(r *route.Route) { r.MaxRequestBytes = -2 }), wantErr: "max_request_bytes -2"},
+		{name: "no body limit", routes: with(func(r *route.Route) { r.MaxRequestBytes = -1 })},
 		{name: "bad fail mode", routes: with(func(r *route.Route) { r.BudgetFailMode = "sometimes" }), wantErr: "budget_fail_mode"},
 		{name: "lower-case method", routes: with(func(r *route.Route) { r.Methods = []string{"post"} }), wantErr: "want one of"},
 		{name: "empty method", routes: with(func(r *route.Route) { r.Methods = []string{""} }), wantErr: "want one of"},
