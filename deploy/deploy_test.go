@@ -8,6 +8,7 @@ package deploy_test
 import (
 	"context"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -20,6 +21,7 @@ import (
 	"time"
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/gateways/routes"
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/decision"
@@ -154,6 +156,11 @@ func TestGatewayConfigs(t *testing.T) {
 			if cfg.UsageSpoolDir == "" {
 				t.Error("usage_spool_dir: without a spool, usage is lost during a database outage")
 			}
+			if cfg.InternalToken == nil {
+				t.Error("internal_token: without it backends can only trust plain headers")
+			} else if !strings.HasPrefix(cfg.InternalToken.Issuer, "https://") {
+				t.Errorf("internal_token.issuer %q: want the gateway's public https address", cfg.InternalToken.Issuer)
+			}
 			tbl, err := routes.Default(name)
 			if err != nil {
 				t.Fatal(err)
@@ -190,6 +197,19 @@ func checkGatewayStarts(t *testing.T, cfg gateway.Config) {
 	cfg.DatabaseURL = "postgres://deploy-test@127.0.0.1:1/deploy_test?connect_timeout=1"
 	cfg.UsageSpoolDir = t.TempDir()
 	cfg.ShutdownDrain = config.Duration(time.Second)
+	if it := cfg.InternalToken; it != nil {
+		// The Secret's files, as generated keys in the same number.
+		c := *it
+		c.KeyFiles = nil
+		for i := range it.KeyFiles {
+			f := filepath.Join(t.TempDir(), fmt.Sprintf("key%d.pem", i))
+			if err := internaltoken.WriteKeyFile(f); err != nil {
+				t.Fatal(err)
+			}
+			c.KeyFiles = append(c.KeyFiles, f)
+		}
+		cfg.InternalToken = &c
+	}
 	g, err := gateway.New(t.Context(), cfg, discardLogger())
 	if err != nil {
 		t.Fatal(err)

@@ -22,8 +22,9 @@ const namespace = "cloud-connector"
 // notInKustomization are the manifests deliberately left out of
 // kustomization.yaml, with the reason (each file's header says more).
 var notInKustomization = map[string]string{
-	"database-secret.yaml": "placeholder; the real Secret is created out of band",
-	"migrate-job.yaml":     "immutable Job, run before each rollout",
+	"database-secret.yaml":       "placeholder; the real Secret is created out of band",
+	"internal-token-secret.yaml": "placeholder; the real Secret is created out of band",
+	"migrate-job.yaml":           "immutable Job, run before each rollout",
 }
 
 // object is one Kubernetes document; decode reads the rest of it.
@@ -690,6 +691,17 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 		}
 		if v, ok := cp.mountOf(g.UsageSpoolDir); !ok || v.EmptyDir == nil {
 			t.Errorf("usage_spool_dir %s is not on an emptyDir (the root filesystem is read-only)", g.UsageSpoolDir)
+		}
+		if g.InternalToken != nil {
+			// Every replica must sign with the same key: from a Secret.
+			for _, f := range g.InternalToken.KeyFiles {
+				v, ok := cp.mountOf(f)
+				if !ok || v.Secret == nil {
+					t.Errorf("internal_token key file %s is not on a mounted Secret", f)
+					continue
+				}
+				requireSecret(t, m, o, v.Secret.SecretName, path.Base(f))
+			}
 		}
 		if l := o.Metadata.Labels["app.kubernetes.io/component"]; l != "gateway" {
 			t.Errorf("component label %q: the decision NetworkPolicy admits component=gateway", l)

@@ -14,6 +14,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
 
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/services/authz"
 	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
@@ -46,6 +47,21 @@ func TestCodeCompletion(t *testing.T) {
 		seen.Get("Authorization") == "" || seen.Get("X-Gitlab-Instance-Id") != instanceID {
 		t.Errorf("backend headers = %v", seen)
 	}
+	// The backend can check who the gateway authorized without trusting
+	// any header: the internal token verifies against the gateway's
+	// published keys.
+	keys, err := jwk.Fetch(context.Background(), s.aiURL("/.well-known/jwks.json"))
+	if err != nil {
+		t.Fatalf("fetch the gateway's JWKS: %v", err)
+	}
+	claims, err := internaltoken.Verify(seen.Get(internaltoken.Header), keys, internalIssuer+"/ai", aiAudience)
+	if err != nil {
+		t.Fatalf("backend cannot verify the internal token: %v", err)
+	}
+	if want := (internaltoken.Claims{Audience: aiAudience, Subject: instanceID, OrganizationID: s.orgID,
+		Realm: "self-managed", Feature: "complete_code", Plan: "premium"}); claims != want {
+		t.Errorf("internal token claims = %+v; want %+v", claims, want)
+	}
 
 	s.stop()
 	var (
@@ -53,7 +69,7 @@ func TestCodeCompletion(t *testing.T) {
 		status                                    int
 		units, reqBytes, resBytes                 int64
 	)
-	err := s.pool.QueryRow(context.Background(), `SELECT organization_id::text, instance_id, feature, gateway, route, method,
+	err = s.pool.QueryRow(context.Background(), `SELECT organization_id::text, instance_id, feature, gateway, route, method,
 		status, units, request_bytes, response_bytes, request_id FROM usage_events`).
 		Scan(&org, &inst, &feature, &gw, &rt, &method, &status, &units, &reqBytes, &resBytes, &reqID)
 	if err != nil {

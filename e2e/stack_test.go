@@ -18,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/routes"
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
@@ -33,6 +34,9 @@ import (
 const (
 	instanceID = "5c1a0b1e-8f0d-4b8e-9a4b-6f0f7c9e2a11"
 	aiAudience = "gitlab-ai-gateway"
+	// internalIssuer is the public host the gateways name themselves by in
+	// internal tokens, followed by their prefix.
+	internalIssuer = "https://cloud.example"
 )
 
 // stack is one running Cloud Connector: decision service, AI and CI/CD
@@ -49,6 +53,8 @@ type stack struct {
 
 	logger     *slog.Logger
 	aiBackends map[string]route.Backend
+	// keyFile signs both gateways' internal tokens.
+	keyFile string
 
 	mu      sync.Mutex
 	running []func()
@@ -64,7 +70,11 @@ type options struct {
 func setup(t *testing.T, opts options) *stack {
 	t.Helper()
 	ctx := context.Background()
-	s := &stack{issuer: tokentest.Start(t), backend: newBackend(t), dbURL: pgtest.URL(t)}
+	s := &stack{issuer: tokentest.Start(t), backend: newBackend(t), dbURL: pgtest.URL(t),
+		keyFile: filepath.Join(t.TempDir(), "internal-token.pem")}
+	if err := internaltoken.WriteKeyFile(s.keyFile); err != nil {
+		t.Fatal(err)
+	}
 	var err error
 	if s.pool, err = pgxpool.New(ctx, s.dbURL); err != nil {
 		t.Fatal(err)
@@ -122,6 +132,7 @@ func (s *stack) startGateway(t *testing.T, name, prefix string, backends map[str
 		Name: name, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Prefix: prefix,
 		DecisionURL: "http://" + s.decision.Addr(), DatabaseURL: s.dbURL,
 		Backends: backends, Routes: table, UsageSpoolDir: t.TempDir(),
+		InternalToken: &gateway.InternalTokenConfig{Issuer: internalIssuer + prefix, KeyFiles: []string{s.keyFile}},
 	}, s.logger)
 	if err != nil {
 		t.Fatal(err)

@@ -5,12 +5,48 @@ import (
 	"io"
 	"net/http"
 	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwk"
+
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 )
 
 // demoBackend stands in for the AI gateway and the CI/CD service behind the
 // gateways: it answers completions as JSON or as a stream of server-sent
-// events, chat as NDJSON, and reports the units it used.
-func demoBackend() http.Handler {
+// events, chat as NDJSON, and reports the units it used. Like a real
+// backend, it serves only requests whose internal token verifies against
+// the gateways' published keys (public paths aside).
+func demoBackend(keys jwk.Set, accept []tokenFor) http.Handler {
+	return requireInternalToken(keys, accept, demoMux())
+}
+
+// tokenFor is an issuer (a gateway) and an audience (this backend, under
+// one of its names) whose internal tokens the backend accepts.
+type tokenFor struct{ issuer, audience string }
+
+// requireInternalToken refuses requests without a valid internal token,
+// except on the paths the gateways serve publicly.
+func requireInternalToken(keys jwk.Set, accept []tokenFor, next http.Handler) http.Handler {
+	public := map[string]bool{"/v1/models/definitions": true, "/monitoring/healthz": true, "/monitoring/ready": true}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if public[r.URL.Path] {
+			next.ServeHTTP(w, r)
+			return
+		}
+		raw := r.Header.Get(internaltoken.Header)
+		for _, a := range accept {
+			if _, err := internaltoken.Verify(raw, keys, a.issuer, a.audience); err == nil {
+				next.ServeHTTP(w, r)
+				return
+			}
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusUnauthorized)
+		json.NewEncoder(w).Encode(map[string]string{"detail": "missing or invalid " + internaltoken.Header})
+	})
+}
+
+func demoMux() http.Handler {
 	mux := http.NewServeMux()
 	completion := "bool:\n    return n % 2 == 0\n"
 	mux.HandleFunc("POST /v2/code/completions", func(w http.ResponseWriter, r *http.Request) {

@@ -22,6 +22,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -31,6 +32,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/routes"
 	"github.com/cloud-connector/cloud-connector/migrations"
@@ -52,6 +54,7 @@ const (
 	devDatabase      = "cloud_connector_dev"
 	aiAudience       = "gitlab-ai-gateway"
 	cicdAudience     = "gitlab-cicd"
+	duoAudience      = "gitlab-duo-workflow-service"
 )
 
 func main() {
@@ -114,17 +117,43 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	c.serve(ctx, issuer.Handler(), issuerLn, logger)
 
+	// The public entry listens first: the gateways name themselves by it.
+	publicLn, err := server.Listen(*addr)
+	if err != nil {
+		return fmt.Errorf("%w (choose another with -addr 127.0.0.1:0)", err)
+	}
+	defer publicLn.Close() // on an early return; serving closes it otherwise
+	entryURL := "http://" + publicLn.Addr().String()
+
+	// Both gateways sign internal tokens with one key, as replicas share
+	// one from a Secret in production; the demo backend checks them.
+	keyDir, err := os.MkdirTemp("", "cloud-connector-devstack-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(keyDir)
+	keyFile := filepath.Join(keyDir, "internal-token.pem")
+	if err := internaltoken.WriteKeyFile(keyFile); err != nil {
+		return err
+	}
+	keys, err := internaltoken.PublicKeys(keyFile)
+	if err != nil {
+		return err
+	}
+
 	backendLn, err := server.Listen("127.0.0.1:0")
 	if err != nil {
 		return err
 	}
-	c.serve(ctx, demoBackend(), backendLn, logger)
+	c.serve(ctx, demoBackend(keys, []tokenFor{
+		{entryURL + "/ai", aiAudience}, {entryURL + "/ai", duoAudience}, {entryURL + "/cicd", cicdAudience},
+	}), backendLn, logger)
 	backendURL := "http://" + backendLn.Addr().String()
 
 	dec, err := decision.New(ctx, decision.Config{
 		Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL, PolicyDir: *policyDir,
 		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{{
-			Issuer: issuer.URL(), Audiences: []string{aiAudience, cicdAudience, "gitlab-duo-workflow-service"},
+			Issuer: issuer.URL(), Audiences: []string{aiAudience, cicdAudience, duoAudience},
 		}}},
 	}, logger)
 	if err != nil {
@@ -136,7 +165,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	for name, backends := range map[string]map[string]route.Backend{
 		"ai": {
 			"ai_gateway":   {URL: backendURL, Audience: aiAudience},
-			"duo_workflow": {URL: backendURL, Audience: "gitlab-duo-workflow-service", HTTP2: true},
+			"duo_workflow": {URL: backendURL, Audience: duoAudience, HTTP2: true},
 		},
 		"cicd": {"cicd_service": {URL: backendURL, Audience: cicdAudience}},
 	} {
@@ -148,6 +177,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 			Name: name, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Prefix: "/" + name,
 			DecisionURL: "http://" + dec.Addr(), DatabaseURL: dbURL, Backends: backends, Routes: table,
 			ShutdownDrain: config.Duration(5 * time.Second),
+			InternalToken: &gateway.InternalTokenConfig{Issuer: entryURL + "/" + name, KeyFiles: []string{keyFile}},
 		}, logger)
 		if err != nil {
 			return err
@@ -158,10 +188,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	// The public entry routes by path prefix, as the ingress does; the
 	// gateways strip their prefix themselves.
-	publicLn, err := server.Listen(*addr)
-	if err != nil {
-		return fmt.Errorf("%w (choose another with -addr 127.0.0.1:0)", err)
-	}
 	entry := http.NewServeMux()
 	for name, g := range gateways {
 		target, _ := url.Parse("http://" + g.Addr())
@@ -188,7 +214,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	printReady(stdout, readyInfo{
-		Entry: "http://" + publicLn.Addr().String(), Token: tok, OrgID: orgID,
+		Entry: entryURL, Token: tok, OrgID: orgID,
 		Decision: dec.Addr(), DecisionAdmin: dec.AdminAddr(),
 		AI: gateways["ai"].Addr(), CICD: gateways["cicd"].Addr(),
 		AIAdmin: gateways["ai"].AdminAddr(), CICDAdmin: gateways["cicd"].AdminAddr(),

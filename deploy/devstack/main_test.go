@@ -2,12 +2,16 @@ package main
 
 import (
 	"context"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
 	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
@@ -92,4 +96,60 @@ func must(b []byte, err error) []byte {
 		return []byte(err.Error())
 	}
 	return b
+}
+
+// TestDemoBackendRequiresInternalToken checks the demo backend refuses what
+// did not come through a gateway, so the stack shows a backend relying on
+// the internal token rather than on headers.
+func TestDemoBackendRequiresInternalToken(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	key, other := filepath.Join(dir, "key.pem"), filepath.Join(dir, "other.pem")
+	for _, k := range []string{key, other} {
+		if err := internaltoken.WriteKeyFile(k); err != nil {
+			t.Fatal(err)
+		}
+	}
+	keys, err := internaltoken.PublicKeys(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const iss = "http://127.0.0.1:8080/ai"
+	srv := httptest.NewServer(demoBackend(keys, []tokenFor{{iss, aiAudience}}))
+	t.Cleanup(srv.Close)
+	sign := func(file, issuer, aud string) string {
+		s, err := internaltoken.New(internaltoken.Config{Issuer: issuer, KeyFiles: []string{file}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, err := s.Token(internaltoken.Claims{Audience: aud, Subject: demoInstance, Feature: "complete_code"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	for _, tc := range []struct {
+		name, method, path, token string
+		want                      int
+	}{
+		{"valid", "POST", "/v2/code/completions", sign(key, iss, aiAudience), http.StatusOK},
+		{"none", "POST", "/v2/code/completions", "", http.StatusUnauthorized},
+		{"other key", "POST", "/v2/code/completions", sign(other, iss, aiAudience), http.StatusUnauthorized},
+		{"other audience", "POST", "/v2/code/completions", sign(key, iss, cicdAudience), http.StatusUnauthorized},
+		{"other issuer", "POST", "/v2/code/completions", sign(key, "http://127.0.0.1:8080/cicd", aiAudience), http.StatusUnauthorized},
+		{"public path", "GET", "/v1/models/definitions", "", http.StatusOK},
+	} {
+		req, _ := http.NewRequest(tc.method, srv.URL+tc.path, strings.NewReader(`{"current_file":{"file_name":"a.py"}}`))
+		if tc.token != "" {
+			req.Header.Set(internaltoken.Header, tc.token)
+		}
+		res, err := srv.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		if res.StatusCode != tc.want {
+			t.Errorf("%s: status %d; want %d", tc.name, res.StatusCode, tc.want)
+		}
+	}
 }

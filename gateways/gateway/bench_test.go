@@ -6,21 +6,29 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cloud-connector/cloud-connector/gateways/gateway"
 )
 
 // BenchmarkGatewayAllowed measures the whole gateway path of an allowed
 // request whose decision is cached: path cleaning, routing, decision cache,
 // budget lease, header rewriting, proxying to a trivial backend and the
-// usage event. Client and backend run in the same process, so ns/op and
-// allocs/op include their share.
+// usage event; with internal_token, also the (cached) internal token.
+// Client and backend run in the same process, so ns/op and allocs/op
+// include their share.
 func BenchmarkGatewayAllowed(b *testing.B) {
+	b.Run("headers", func(b *testing.B) { benchGatewayAllowed(b, nil) })
+	b.Run("internal_token", func(b *testing.B) { benchGatewayAllowed(b, withInternalToken(b)) })
+}
+
+func benchGatewayAllowed(b *testing.B, configure func(*gateway.Config)) {
 	reply := []byte(`{"choices":[{"text":"return n % 2 == 0"}]}`)
 	backend := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(reply)
 	})
-	e := setup(b, options{handler: backend})
+	e := setup(b, options{handler: backend, configure: configure})
 	e.fake.set("bench", allowed(time.Hour, 1<<50))
 	if r := e.post(b, "/v2/code/completions", "bench"); r.status != http.StatusOK {
 		b.Fatalf("priming request: status %d (%s)", r.status, r.body)

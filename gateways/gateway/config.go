@@ -64,9 +64,26 @@ type Config struct {
 	// ShutdownDrain bounds how long in-flight requests and streams may
 	// finish at shutdown. Default 30s.
 	ShutdownDrain config.Duration `json:"shutdown_drain"`
+	// InternalToken signs the token each authorized request carries to its
+	// backend (X-Cloud-Connector-Token), so backends need not trust plain
+	// headers. Unset: backends get the headers only, and the gateway warns
+	// at start.
+	InternalToken *InternalTokenConfig `json:"internal_token"`
 
 	// Routes is the built-in route table, used when RoutesFile is empty.
 	Routes route.Table `json:"-"`
+}
+
+// InternalTokenConfig configures the internal tokens a gateway signs; see
+// package internaltoken.
+type InternalTokenConfig struct {
+	// Issuer is the tokens' iss claim, e.g. "https://cloud.gitlab.com/ai".
+	Issuer string `json:"issuer"`
+	// KeyFiles are PEM private keys (EC P-256, RSA >= 2048 or Ed25519).
+	// The first signs; all are published at /.well-known/jwks.json.
+	KeyFiles []string `json:"key_files"`
+	// TTL is a token's lifetime. Default 5m, within [10s, 1h].
+	TTL config.Duration `json:"ttl"`
 }
 
 var nameRE = regexp.MustCompile(`^[a-z][a-z0-9_-]{0,31}$`)
@@ -140,6 +157,17 @@ func (c Config) validate() ([]netip.Prefix, error) {
 	}
 	if len(c.Backends) == 0 {
 		errs = append(errs, errors.New("backends: at least one is required"))
+	}
+	if it := c.InternalToken; it != nil {
+		if u, err := url.Parse(it.Issuer); err != nil || u.Scheme == "" || u.Host == "" {
+			errs = append(errs, fmt.Errorf("internal_token.issuer %q: want an absolute URL naming the gateway", it.Issuer))
+		}
+		if len(it.KeyFiles) == 0 {
+			errs = append(errs, errors.New("internal_token.key_files: at least one is required"))
+		}
+		if it.TTL != 0 && (it.TTL.D() < 10*time.Second || it.TTL.D() > time.Hour) {
+			errs = append(errs, fmt.Errorf("internal_token.ttl %s: want 10s to 1h", it.TTL.D()))
+		}
 	}
 	var trusted []netip.Prefix
 	for _, s := range c.TrustedProxies {

@@ -59,6 +59,19 @@ func TestConfigValidation(t *testing.T) {
 		{"host with a bad port", func(c *gateway.Config) { c.Hosts = []string{"ai.cloud.example.com:http"} }, "hosts"},
 		{"host with user info", func(c *gateway.Config) { c.Hosts = []string{"user@ai.cloud.example.com"} }, "hosts"},
 
+		{"internal token without issuer", func(c *gateway.Config) {
+			c.InternalToken = &gateway.InternalTokenConfig{KeyFiles: []string{"k.pem"}}
+		}, "internal_token.issuer"},
+		{"internal token without keys", func(c *gateway.Config) {
+			c.InternalToken = &gateway.InternalTokenConfig{Issuer: "https://cloud.example/ai"}
+		}, "internal_token.key_files"},
+		{"internal token ttl", func(c *gateway.Config) {
+			c.InternalToken = &gateway.InternalTokenConfig{Issuer: "https://cloud.example/ai", KeyFiles: []string{"k.pem"}, TTL: config.Duration(2 * time.Hour)}
+		}, "internal_token.ttl"},
+		{"internal token key missing", func(c *gateway.Config) {
+			c.InternalToken = &gateway.InternalTokenConfig{Issuer: "https://cloud.example/ai", KeyFiles: []string{filepath.Join(t.TempDir(), "none.pem")}}
+		}, "none.pem"},
+
 		{"https decision url", func(c *gateway.Config) { c.DecisionURL = "https://decision.example.com" }, ""},
 		{"host and port", func(c *gateway.Config) { c.Hosts = []string{"ai.cloud.example.com:8443", "AI.example.com"} }, ""},
 		{"zero durations take defaults", func(c *gateway.Config) {

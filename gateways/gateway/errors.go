@@ -19,6 +19,7 @@ const (
 	msgBadPath         = "Invalid request path"
 	msgTooLarge        = "Request body too large"
 	msgUpgrade         = "Protocol upgrade not supported"
+	msgInternal        = "Internal server error"
 )
 
 // gRPC status codes used for denials of gRPC requests.
@@ -70,6 +71,10 @@ func quotaExceeded(feature string, reset time.Time) problem {
 		grpcCode: grpcResourceExhausted,
 		msg:      msg,
 	}
+}
+
+func internalError() problem {
+	return detail(http.StatusInternalServerError, grpcInternal, msgInternal)
 }
 
 func unavailable() problem {

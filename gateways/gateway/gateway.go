@@ -25,6 +25,7 @@ import (
 
 	"github.com/cloud-connector/cloud-connector/gateways/budget"
 	"github.com/cloud-connector/cloud-connector/gateways/decisions"
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/usage"
 	"github.com/cloud-connector/cloud-connector/migrations"
@@ -46,6 +47,7 @@ type Gateway struct {
 	routesSum [32]byte
 	metrics   *metrics
 	database  *server.Dependency
+	signer    *internaltoken.Signer // nil: no internal tokens
 
 	proc          *server.Process
 	sessions      *sessions
@@ -109,6 +111,15 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 	if err := g.database.Start(ctx); err != nil {
 		return nil, err
 	}
+	if it := cfg.InternalToken; it != nil {
+		if g.signer, err = internaltoken.New(internaltoken.Config{
+			Issuer: it.Issuer, KeyFiles: it.KeyFiles, TTL: it.TTL.D(),
+		}); err != nil {
+			return nil, err
+		}
+	} else {
+		logger.Warn("internal_token not configured: backends get identity headers without a token to verify them")
+	}
 	if g.decisions, err = decisions.New(decisions.Config{
 		URL: cfg.DecisionURL, Timeout: cfg.DecisionTimeout.D(), CacheSize: cfg.DecisionCacheSize, Registerer: reg,
 	}); err != nil {
@@ -144,6 +155,12 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		detail(http.StatusBadRequest, grpcInvalidArgument, msgBadPath).write(w, r)
 		return
 	}
+	if g.signer != nil && r.Method == http.MethodGet && (path == jwksPath || path == g.cfg.Prefix+jwksPath) {
+		// On every host and port, with or without the prefix: backends
+		// fetch it over the cluster network, by the Service's name.
+		g.serveJWKS(w)
+		return
+	}
 	if !g.hostMounted(r.Host) {
 		var ok bool
 		if path, ok = route.StripPrefix(path, g.cfg.Prefix); !ok || (g.cfg.Prefix == "" && len(g.cfg.Hosts) > 0) {
@@ -158,6 +175,18 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	*r2 = *r
 	r2.URL = &u
 	(*g.mux.Load()).ServeHTTP(w, r2)
+}
+
+// jwksPath serves the public keys of the gateway's internal tokens.
+const jwksPath = "/.well-known/jwks.json"
+
+func (g *Gateway) serveJWKS(w http.ResponseWriter) {
+	h := w.Header()
+	h.Set("Content-Type", "application/jwk-set+json")
+	// Backends refetch within the hour; rotation publishes a new key well
+	// before it signs (see package internaltoken).
+	h.Set("Cache-Control", "public, max-age=3600")
+	w.Write(g.signer.JWKS())
 }
 
 func (g *Gateway) hostMounted(host string) bool {

@@ -13,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/cloud-connector/cloud-connector/gateways/budget"
+	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/gateways/usage"
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
@@ -102,6 +103,19 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	}
 
 	s, bud := d.GetSubject(), d.GetBudget()
+	// Signed before the budget is charged, so a failure costs the caller
+	// nothing; reused across requests, so it seldom signs at all.
+	var internalToken string
+	if g.signer != nil {
+		if internalToken, err = g.signer.Token(internaltoken.Claims{
+			Audience: b.cfg.Audience, Subject: s.GetInstanceId(), OrganizationID: s.GetOrganizationId(),
+			Realm: s.GetRealm(), Feature: feature, Plan: s.GetPlan(),
+		}); err != nil {
+			g.logger.Error("sign internal token", "error", err, "route", rt.Name, "request_id", reqID)
+			g.deny(w, r, rt, "internal_token_failed", internalError(), start)
+			return
+		}
+	}
 	subject := s.GetOrganizationId()
 	if subject == "" {
 		subject = "instance:" + s.GetInstanceId()
@@ -141,6 +155,9 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	up.headers.Set(hdrRealm, s.GetRealm())
 	up.headers.Set(hdrPlan, s.GetPlan())
 	up.headers.Set(hdrFeature, feature)
+	if internalToken != "" {
+		up.headers.Set(internaltoken.Header, internalToken)
+	}
 	up.authorized = identityHeaders
 	if rt.FeatureHeader != "" {
 		up.authorized = append(slices.Clip(identityHeaders), http.CanonicalHeaderKey(rt.FeatureHeader))
