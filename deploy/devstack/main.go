@@ -72,6 +72,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	addr := fs.String("addr", "127.0.0.1:8080", "public entry address (/ai and /cicd)")
 	logLevel := fs.String("log-level", "warn", "debug, info, warn or error")
 	policyDir := fs.String("policy-dir", "", "policy directory replacing the embedded policy (hot-reloaded)")
+	backendToken := fs.Bool("backend-token", false, "also print BACKEND_TOKEN, an internal token (valid 1h) for calling the demo backend directly, as .ci/load does")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -212,6 +213,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	})
 	if err != nil {
 		return err
+	}
+	if *backendToken {
+		// What the AI gateway would hand the backend for the demo instance.
+		s, err := internaltoken.New(internaltoken.Config{Issuer: entryURL + "/ai", KeyFiles: []string{keyFile}, TTL: time.Hour})
+		if err != nil {
+			return err
+		}
+		bt, err := s.Token(internaltoken.Claims{Audience: aiAudience, Subject: demoInstance, OrganizationID: orgID,
+			Realm: "self-managed", Feature: "complete_code", Plan: "premium"})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stdout, "export BACKEND_TOKEN=%s\n", bt)
 	}
 	printReady(stdout, readyInfo{
 		Entry: entryURL, Token: tok, OrgID: orgID,
