@@ -6,6 +6,12 @@
 // returns what is left when the lease sits idle or the gateway shuts down.
 // Postgres counts every unit handed to any gateway, so the units allowed in a
 // window never exceed its limit, however many gateways share the budget.
+//
+// Windows follow the database's clock, not the gateways' (see dbClock), so
+// replicas whose clocks disagree still share one counter per window. When a
+// statement's outcome is unknown (its reply was lost), the limiter assumes
+// whatever errs toward refusing: a return counts as done and a lease as
+// granted to nobody, never the reverse.
 package budget
 
 import (
@@ -44,7 +50,7 @@ type Spec struct {
 	// is refused without touching the database.
 	Limit int64
 	// Window is the window length: a positive whole number of seconds.
-	// Windows are aligned to the Unix epoch.
+	// Windows are aligned to the Unix epoch on the database's clock.
 	Window time.Duration
 	// Unit says what one unit is, e.g. "request".
 	Unit string
@@ -66,15 +72,33 @@ func (s Spec) windowSeconds() (int64, error) {
 }
 
 // windowStart returns the start, in Unix seconds, of the window of length
-// seconds that contains t. Windows are aligned to the Unix epoch, so every
-// gateway computes the same start; time.Truncate would align to year 1.
-func windowStart(t time.Time, seconds int64) int64 {
-	u := t.Unix()
+// seconds that contains the Unix second u. Windows are aligned to the Unix
+// epoch, so every gateway computes the same start; time.Truncate would align
+// to year 1.
+func windowStart(u, seconds int64) int64 {
 	s := u / seconds * seconds
 	if s > u { // integer division truncates toward zero; floor before 1970
 		s -= seconds
 	}
 	return s
+}
+
+// dbUnix returns the Unix second, on the database clock, of the local time
+// t, given off, the database clock minus the local one. It is t.Add(off).Unix()
+// in integer arithmetic, which Take's fast path can afford.
+func dbUnix(t time.Time, off time.Duration) int64 {
+	n := int64(t.Nanosecond()) + int64(off)
+	s := n / 1e9
+	if n%1e9 < 0 { // floor, not truncation
+		s--
+	}
+	return t.Unix() + s
+}
+
+// resetAt converts end, a window end in Unix seconds on the database clock,
+// to the local clock, given off, the database clock minus the local one.
+func resetAt(end int64, off time.Duration) time.Time {
+	return time.Unix(end, -int64(off)) // time.Unix normalizes nsec
 }
 
 // Outcome is the result of one Take.
@@ -86,7 +110,9 @@ type Outcome struct {
 	// Remaining is a best-effort estimate of the units left in the window
 	// across all gateways; it is never negative.
 	Remaining int64
-	// Reset is the end of the current window.
+	// Reset is the end of the current window, on the clock Config.Now reads
+	// (the database clock decides where windows end; Reset converts that
+	// instant to the local clock, so Reset.Sub(Config.Now()) is the wait).
 	Reset time.Time
 }
 
@@ -117,7 +143,16 @@ type Config struct {
 	// run detached from the caller's cancellation, because other callers may
 	// be waiting on the same lease. Default 5s.
 	StatementTimeout time.Duration
-	// Now tells the time; tests inject it. Default time.Now.
+	// PruneAfter is how long after its window ended a counter row is
+	// deleted by Run. Default 1h. See pruneSQL for why deletion is safe.
+	PruneAfter time.Duration
+	// PruneInterval is how often Run looks for counter rows to delete.
+	// Default 5m.
+	PruneInterval time.Duration
+	// Now reads the local clock; tests inject it. Default time.Now. Window
+	// boundaries are not taken from it directly: each lease statement reads
+	// the database clock, and the limiter corrects Now by the offset it
+	// observes.
 	Now func() time.Time
 	// Registerer receives the limiter's metrics; nil registers none.
 	// Limiters sharing a Registerer share their metrics.
@@ -143,6 +178,12 @@ func (c Config) Validate() error {
 	if c.StatementTimeout < 0 {
 		errs = append(errs, fmt.Errorf("StatementTimeout %v is negative", c.StatementTimeout))
 	}
+	if c.PruneAfter < 0 {
+		errs = append(errs, fmt.Errorf("PruneAfter %v is negative", c.PruneAfter))
+	}
+	if c.PruneInterval < 0 {
+		errs = append(errs, fmt.Errorf("PruneInterval %v is negative", c.PruneInterval))
+	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("budget config: %w", err)
 	}
@@ -167,6 +208,12 @@ func (c Config) withDefaults() Config {
 	if c.StatementTimeout <= 0 {
 		c.StatementTimeout = 5 * time.Second
 	}
+	if c.PruneAfter <= 0 {
+		c.PruneAfter = time.Hour
+	}
+	if c.PruneInterval <= 0 {
+		c.PruneInterval = 5 * time.Minute
+	}
 	if c.Now == nil {
 		c.Now = time.Now
 	}
@@ -182,6 +229,19 @@ type Limiter struct {
 	metrics *metrics
 	seed    maphash.Seed
 	shards  [shardCount]shard
+	clock   dbClock
+	// pruneBatch is the most rows one prune statement deletes.
+	pruneBatch int
+	hooks      hooks
+}
+
+// hooks let tests observe the limiter's slow paths; they are nil outside
+// tests (see export_test.go) and never run on Take's fast path.
+type hooks struct {
+	// wait runs when a Take is about to wait for a statement.
+	wait func()
+	// pruned runs when Run has finished a prune pass.
+	pruned func(rows int64, err error)
 }
 
 // shardCount spreads keys over independently locked maps so Takes for
@@ -204,11 +264,12 @@ func New(db DB, cfg Config, logger *slog.Logger) *Limiter {
 		logger.Error("budget: using defaults for invalid settings", "err", err)
 	}
 	l := &Limiter{
-		db:      db,
-		cfg:     cfg.withDefaults(),
-		log:     logger,
-		metrics: newMetrics(cfg.Registerer, logger),
-		seed:    maphash.MakeSeed(),
+		db:         db,
+		cfg:        cfg.withDefaults(),
+		log:        logger,
+		metrics:    newMetrics(cfg.Registerer, logger),
+		seed:       maphash.MakeSeed(),
+		pruneBatch: pruneBatch,
 	}
 	for i := range l.shards {
 		l.shards[i].m = make(map[key]*entry)
@@ -219,9 +280,11 @@ func New(db DB, cfg Config, logger *slog.Logger) *Limiter {
 // Take consumes one unit of subject's budget. It spends the local lease when
 // it can and leases more from Postgres when it cannot, so it refuses only
 // when Postgres has nothing left to lease. An error means the database could
-// not be asked (or spec is invalid, see ErrInvalidSpec) and the caller
-// applies its fail mode; units already leased are always spent first, so a
-// Postgres outage does not refuse them.
+// not be asked or its answer was lost (or spec is invalid, see
+// ErrInvalidSpec) and the caller applies its fail mode; units already leased
+// are always spent first, so a Postgres outage does not refuse them (units
+// set aside because the limit was lowered are the exception: they are not
+// spent until Postgres has them back).
 //
 // Take is safe for concurrent use. Concurrent Takes for one key share a
 // single lease statement; Takes for different keys do not wait on each other.
@@ -235,31 +298,37 @@ func (l *Limiter) Take(ctx context.Context, subject string, spec Spec) (Outcome,
 		l.metrics.errored.Inc()
 		return Outcome{Limit: spec.Limit}, fmt.Errorf("take budget: %w: empty subject", ErrInvalidSpec)
 	}
-	now := l.cfg.Now()
-	start := windowStart(now, ws)
-	out := Outcome{Limit: spec.Limit, Reset: time.Unix(start+ws, 0)}
+	out := Outcome{Limit: spec.Limit}
 	if spec.Limit == 0 {
+		local, off := l.cfg.Now(), l.clock.offset()
+		out.Reset = resetAt(windowStart(dbUnix(local, off), ws)+ws, off)
 		l.metrics.refused.Inc()
 		return out, nil
 	}
 	k := key{subject: subject, bucket: spec.Bucket, windowSeconds: ws}
 	counted := false
 	for {
+		// The clocks are read afresh on every pass: a pass may follow a
+		// wait for a statement, during which the window may have ended.
+		// local measures durations; local+off, the estimated database
+		// time, places windows.
+		local, off := l.cfg.Now(), l.clock.offset()
+		start := windowStart(dbUnix(local, off), ws)
 		e := l.entry(k)
 		e.mu.Lock()
 		if e.dead {
 			e.mu.Unlock()
 			continue
 		}
-		win := e.advance(start, spec.Limit, now)
-		out.Reset = time.Unix(win+ws, 0)
+		win := e.advance(start, spec.Limit, local)
+		out.Reset = resetAt(win+ws, off)
 		if !counted {
 			e.demand++
 			counted = true
 		}
 		if e.remaining > 0 {
 			e.remaining--
-			e.touched = now
+			e.touched = local
 			out.Allowed = true
 			out.Remaining = e.remaining + e.dbLeft
 			e.mu.Unlock()
@@ -268,29 +337,40 @@ func (l *Limiter) Take(ctx context.Context, subject string, spec Spec) (Outcome,
 		}
 		f := e.flight
 		if f == nil {
-			f = l.startLease(ctx, e, spec.Unit, now)
+			f = l.startLease(ctx, e, spec.Unit, local)
 		}
 		e.mu.Unlock()
 
+		if l.hooks.wait != nil {
+			l.hooks.wait()
+		}
 		select {
 		case <-f.done:
 		case <-ctx.Done():
 			l.metrics.errored.Inc()
 			return out, fmt.Errorf("lease budget: %w", context.Cause(ctx))
 		}
-		if f.kind != leaseFlight || f.window != win {
-			continue // a return, or a lease for a window that has ended
+		if f.kind != leaseFlight {
+			continue // a return: the lease slot is free again
 		}
 		switch {
 		case f.err != nil:
 			l.metrics.errored.Inc()
 			return out, f.err
-		case f.exhausted:
-			l.metrics.refused.Inc()
-			return out, nil
+		case f.exhausted && f.limit >= spec.Limit:
+			// Postgres has nothing left under a limit at least this
+			// caller's, in f.window. If that window has ended since, look
+			// again in the new one.
+			off := l.clock.offset()
+			if windowStart(dbUnix(l.cfg.Now(), off), ws) <= f.window {
+				out.Reset = resetAt(f.window+ws, off)
+				l.metrics.refused.Inc()
+				return out, nil
+			}
 		}
-		// The lease was granted; spend from it, or lease again if other
-		// callers spent it first.
+		// The lease was granted, or refused under a lower limit than this
+		// caller's (a caller with the old limit started it): spend from
+		// the lease, or lease again, under this caller's limit.
 	}
 }
 

@@ -32,7 +32,9 @@ func minute(limit int64) budget.Spec {
 }
 
 // fixture is one test database, a pool on it for assertions, and a clock
-// the test moves by hand.
+// the test moves by hand. The clock is the true time: limiters read it (or
+// a skewed copy) as their local clock, and the database reads it as its own
+// (see useTestClock).
 type fixture struct {
 	url   string
 	db    *pgxpool.Pool
@@ -42,7 +44,47 @@ type fixture struct {
 func setup(tb testing.TB) fixture {
 	tb.Helper()
 	url := pgtest.URL(tb)
+	useTestClock(tb, url, t0)
 	return fixture{url: url, db: openPool(tb, url), clock: &clock{now: t0}}
+}
+
+// useTestClock makes clock_timestamp() in the database at url read
+// testclock.clock instead of the system clock, starting at now: a function
+// of that name in a schema searched before pg_catalog shadows the built-in
+// for unqualified calls. It takes effect for connections opened afterwards.
+func useTestClock(tb testing.TB, url string, now time.Time) {
+	tb.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	for _, sql := range []string{
+		`CREATE SCHEMA testclock`,
+		`CREATE TABLE testclock.clock (now timestamptz NOT NULL)`,
+		`CREATE FUNCTION testclock.clock_timestamp() RETURNS timestamptz
+			LANGUAGE sql VOLATILE AS 'SELECT now FROM testclock.clock'`,
+		`DO $$ BEGIN
+			EXECUTE format('ALTER DATABASE %I SET search_path = testclock, pg_catalog, "$user", public', current_database());
+		END $$`,
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			tb.Fatalf("install test clock: %v", err)
+		}
+	}
+	if _, err := conn.Exec(ctx, `INSERT INTO testclock.clock VALUES ($1)`, now); err != nil {
+		tb.Fatalf("install test clock: %v", err)
+	}
+}
+
+// advance moves the true time, as both the limiters and the database see it.
+func (f fixture) advance(tb testing.TB, d time.Duration) {
+	tb.Helper()
+	f.clock.Advance(d)
+	if _, err := f.db.Exec(context.Background(), `UPDATE testclock.clock SET now = $1`, f.clock.Now()); err != nil {
+		tb.Fatalf("advance the database clock: %v", err)
+	}
 }
 
 func openPool(tb testing.TB, url string) *pgxpool.Pool {
@@ -273,7 +315,7 @@ func TestIdleLeaseGoesToOtherReplica(t *testing.T) {
 	if takeN(t, a, "org-1", spec, 1) != 1 || takeN(t, b, "org-1", spec, 1) != 0 {
 		t.Fatal("want a allowed and b refused while a holds the whole budget")
 	}
-	f.clock.Advance(2 * time.Second) // a's lease is now idle, in the same window
+	f.advance(t, 2*time.Second) // a's lease is now idle, in the same window
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		used, _ := f.used(t, "org-1", t0)
@@ -298,7 +340,7 @@ func TestWindowRolloverAndLimitChange(t *testing.T) {
 	if n := drain(t, l, "org-1", minute(3)); n != 3 {
 		t.Fatalf("first window allowed %d, want 3", n)
 	}
-	f.clock.Advance(time.Minute)
+	f.advance(t, time.Minute)
 	t1 := f.clock.Now()
 	out, err := l.Take(t.Context(), "org-1", minute(3))
 	if err != nil || !out.Allowed {
@@ -637,5 +679,110 @@ func TestConfigValidate(t *testing.T) {
 	}
 	if err := (budget.Config{MaxLease: -1, IdleReturn: -time.Second}).Validate(); err == nil {
 		t.Error("negative settings accepted")
+	}
+}
+
+// holdDB holds lease statements for one subject until released; entered
+// receives once for each statement held.
+type holdDB struct {
+	budget.DB
+	subject string
+	entered chan struct{}
+	release chan struct{}
+}
+
+func newHoldDB(db budget.DB, subject string) *holdDB {
+	return &holdDB{DB: db, subject: subject, entered: make(chan struct{}, 16), release: make(chan struct{})}
+}
+
+func (d *holdDB) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	if args[0] == d.subject {
+		d.entered <- struct{}{}
+		<-d.release
+	}
+	return d.DB.QueryRow(ctx, sql, args...)
+}
+
+// A caller whose policy gives a higher limit, joining a lease that a caller
+// with the lower limit started, must not take that lease's "exhausted" as
+// its own answer while budget under its limit remains.
+func TestHigherLimitJoiningLowerLimitLeaseIsNotRefused(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	if n := drain(t, f.limiter(t, budget.Config{}), "org-1", minute(5)); n != 5 {
+		t.Fatalf("another replica allowed %d, want 5", n)
+	}
+	db := newHoldDB(f.db, "org-1")
+	l := budget.New(db, budget.Config{Now: f.clock.Now}, nil)
+	waiting := make(chan struct{}, 16)
+	budget.OnWait(l, func() { waiting <- struct{}{} })
+
+	type result struct {
+		out budget.Outcome
+		err error
+	}
+	take := func(limit int64) chan result {
+		c := make(chan result, 1)
+		go func() {
+			out, err := l.Take(t.Context(), "org-1", minute(limit))
+			c <- result{out, err}
+		}()
+		return c
+	}
+	low := take(5) // starts a lease under limit 5
+	<-db.entered
+	<-waiting
+	high := take(10) // joins it
+	<-waiting
+	close(db.release)
+
+	if r := <-low; r.err != nil || r.out.Allowed {
+		t.Errorf("take under limit 5: %+v, %v; want refused", r.out, r.err)
+	}
+	if r := <-high; r.err != nil || !r.out.Allowed {
+		t.Errorf("take under limit 10 with 5 used: %+v, %v; want allowed", r.out, r.err)
+	}
+}
+
+// A Take that waited for a lease while the window ended must be answered
+// in the new window, and must not date its use of the lease to before the
+// wait (which would make the lease look idle at once).
+func TestTakeWaitingAcrossWindowEnd(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	f.advance(t, 47*time.Second) // 12:00:57
+	db := newHoldDB(f.db, "org-1")
+	l := budget.New(db, budget.Config{LeaseTarget: time.Hour, IdleReturn: 5 * time.Second, Now: f.clock.Now}, nil)
+
+	type result struct {
+		out budget.Outcome
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		out, err := l.Take(t.Context(), "org-1", minute(100))
+		done <- result{out, err}
+	}()
+	<-db.entered
+	f.advance(t, 6*time.Second) // 12:01:03, while the lease statement waits
+	close(db.release)
+	r := <-done
+
+	t1 := f.clock.Now()
+	if r.err != nil || !r.out.Allowed {
+		t.Fatalf("take: %+v, %v; want allowed", r.out, r.err)
+	}
+	if want := time.Date(2030, 1, 1, 12, 2, 0, 0, time.UTC); !r.out.Reset.Equal(want) {
+		t.Errorf("reset %v, want %v: the end of the window the unit was taken in", r.out.Reset.UTC(), want)
+	}
+	if used, _ := f.used(t, "org-1", t1); used != 10 {
+		t.Errorf("12:01 window used_units = %d, want the lease of 10", used)
+	}
+	// Just used: not idle.
+	if errs := budget.Sweep(t.Context(), l); len(errs) != 0 {
+		t.Fatal(errs)
+	}
+	if used, _ := f.used(t, "org-1", t1); used != 10 {
+		t.Errorf("after a sweep used_units = %d, want 10: a lease just spent from was returned as idle", used)
 	}
 }

@@ -8,29 +8,48 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
-// leaseSQL leases up to $7 units in one statement. The row is created on
-// the first lease of a window. ON CONFLICT DO UPDATE locks the existing row
-// and evaluates SET and WHERE against its latest committed version, so
-// concurrent leases from any number of gateways serialize on the row and
-// used_units never passes the limit. All SET expressions see the old row,
-// which is why last_lease_units reports the grant. The limit in the request
-// wins, so a policy change takes effect on the next lease. No row returned
-// means the window is exhausted.
+// leaseSQL leases up to $6 units of the window of $3 seconds that the
+// database clock is in, in one statement. The window is computed here, from
+// clock_timestamp(), never by a gateway: gateways with skewed clocks would
+// otherwise count the same instant against different rows, and no lease
+// can ever be granted for a window that has ended by the database clock
+// (which is what makes pruning ended windows safe).
+//
+// The row is created on the first lease of a window. ON CONFLICT DO UPDATE
+// locks the existing row and evaluates SET and WHERE against its latest
+// committed version, so concurrent leases from any number of gateways
+// serialize on the row and used_units never passes the limit. All SET
+// expressions see the old row, which is why last_lease_units reports the
+// grant. The limit in the request wins, so a policy change takes effect on
+// the next lease.
+//
+// It always returns one row: the database time it read and the window it
+// chose, then the grant, which is NULL when the window is exhausted.
 const leaseSQL = `
-INSERT INTO budget_counters AS c
-    (subject, bucket, window_start, window_seconds, unit, limit_units, used_units, last_lease_units)
-VALUES ($1, $2, $3, $4::int, $5, $6::bigint, LEAST($7::bigint, $6::bigint), LEAST($7::bigint, $6::bigint))
-ON CONFLICT (subject, bucket, window_seconds, window_start) DO UPDATE
-SET used_units = c.used_units + LEAST($7::bigint, EXCLUDED.limit_units - c.used_units),
-    last_lease_units = LEAST($7::bigint, EXCLUDED.limit_units - c.used_units),
-    limit_units = EXCLUDED.limit_units,
-    unit = EXCLUDED.unit,
-    updated_at = now()
-WHERE c.used_units < EXCLUDED.limit_units
-RETURNING last_lease_units, used_units, limit_units`
+WITH clock AS MATERIALIZED (
+    SELECT t AS now, to_timestamp(floor(extract(epoch FROM t) / $3::int) * $3::int) AS window_start
+    FROM clock_timestamp() AS t
+), leased AS (
+    INSERT INTO budget_counters AS c
+        (subject, bucket, window_start, window_seconds, unit, limit_units, used_units, last_lease_units)
+    SELECT $1::text, $2::text, clock.window_start, $3::int, $4::text, $5::bigint,
+        LEAST($6::bigint, $5::bigint), LEAST($6::bigint, $5::bigint)
+    FROM clock
+    ON CONFLICT (subject, bucket, window_seconds, window_start) DO UPDATE
+    SET used_units = c.used_units + LEAST($6::bigint, EXCLUDED.limit_units - c.used_units),
+        last_lease_units = LEAST($6::bigint, EXCLUDED.limit_units - c.used_units),
+        limit_units = EXCLUDED.limit_units,
+        unit = EXCLUDED.unit,
+        updated_at = now()
+    WHERE c.used_units < EXCLUDED.limit_units
+    RETURNING last_lease_units, used_units
+)
+SELECT clock.now, clock.window_start, leased.last_lease_units, leased.used_units
+FROM clock LEFT JOIN leased ON true`
 
 // returnSQL gives back unspent units of a lease. The decrement is atomic on
 // the row, and GREATEST keeps the CHECK (used_units >= 0) if the row was
@@ -59,21 +78,25 @@ type entry struct {
 	// dead is set when Run drops the entry from its shard; holders of a
 	// dead entry look the key up again.
 	dead bool
-	// windowStart is the window, in Unix seconds, that the lease belongs
-	// to; noWindow before the first Take.
+	// windowStart is the window, in Unix seconds on the database clock,
+	// that the lease belongs to; noWindow before the first Take. Units in
+	// hand were always granted for it.
 	windowStart int64
 	limit       int64
 	// remaining is the unspent part of the lease in hand.
 	remaining int64
-	// pendingReturn holds units taken out of the lease after the limit was
-	// lowered; the next lease flight returns them before leasing again.
+	// pendingReturn holds units of windowStart that must not be spent: they
+	// were granted under a limit that has since been lowered. The next
+	// lease flight (or an idle return) gives them back; they never flow
+	// back into remaining.
 	pendingReturn int64
 	// dbLeft is limit - used_units as the last lease saw it.
 	dbLeft int64
 	// flight is the statement running for this key, if any. At most one
 	// runs at a time; callers needing its outcome wait on flight.done.
 	flight *flight
-	// touched is when the lease was last granted or spent from.
+	// touched is when, on the local clock, the lease was last granted or
+	// spent from.
 	touched time.Time
 
 	// rate is an exponentially weighted estimate of Takes per second;
@@ -96,8 +119,12 @@ const (
 // flight is one statement in progress for a key. Its result fields are
 // written before done is closed and read only after.
 type flight struct {
-	kind      flightKind
-	window    int64
+	kind flightKind
+	// window is the entry's window when the flight started; a completed
+	// lease flight sets it to the window Postgres leased in.
+	window int64
+	// limit is the limit a lease flight asked Postgres to enforce.
+	limit     int64
 	done      chan struct{}
 	exhausted bool
 	err       error
@@ -106,8 +133,9 @@ type flight struct {
 // advance moves e to the window starting at start and applies limit, and
 // returns the window the caller is in. A lease for an ended window is
 // dropped: its units count against a window nobody can spend from any more.
-// If the clock stepped back, the caller stays in e's newer window. Called
-// with e.mu held.
+// If the clock stepped back, or a lease put e in a window the caller's
+// estimate of the database clock has not reached yet, the caller stays in
+// e's newer window. now is the local time. Called with e.mu held.
 func (e *entry) advance(start, limit int64, now time.Time) int64 {
 	if start < e.windowStart {
 		start = e.windowStart
@@ -116,11 +144,7 @@ func (e *entry) advance(start, limit int64, now time.Time) int64 {
 		if e.windowStart == noWindow {
 			e.sampledAt = now
 		}
-		e.windowStart = start
-		e.remaining = 0
-		e.pendingReturn = 0
-		e.limit = limit
-		e.dbLeft = limit
+		e.moveTo(start, limit)
 	}
 	if limit != e.limit {
 		if limit < e.limit && e.remaining > 0 {
@@ -133,6 +157,16 @@ func (e *entry) advance(start, limit int64, now time.Time) int64 {
 		e.limit = limit
 	}
 	return start
+}
+
+// moveTo puts e in the window starting at start with nothing in hand.
+// Called with e.mu held.
+func (e *entry) moveTo(start, limit int64) {
+	e.windowStart = start
+	e.remaining = 0
+	e.pendingReturn = 0
+	e.limit = limit
+	e.dbLeft = limit
 }
 
 // leaseSize folds the demand since the last lease into the rate estimate
@@ -163,10 +197,10 @@ func (e *entry) leaseSize(now time.Time, cfg Config) int64 {
 	return int64(want)
 }
 
-// startLease starts the lease flight for e and returns it. Called with e.mu
-// held and no flight running.
+// startLease starts the lease flight for e and returns it. now is the local
+// time. Called with e.mu held and no flight running.
 func (l *Limiter) startLease(ctx context.Context, e *entry, unit string, now time.Time) *flight {
-	f := &flight{kind: leaseFlight, window: e.windowStart, done: make(chan struct{})}
+	f := &flight{kind: leaseFlight, window: e.windowStart, limit: e.limit, done: make(chan struct{})}
 	e.flight = f
 	req := leaseRequest{
 		key:    e.key,
@@ -186,11 +220,11 @@ func (l *Limiter) startLease(ctx context.Context, e *entry, unit string, now tim
 
 type leaseRequest struct {
 	key    key
-	window int64
+	window int64 // the entry's window, which ret belongs to
 	unit   string
 	limit  int64
 	want   int64
-	ret    int64 // units to return before leasing
+	ret    int64 // units of window to return before leasing
 }
 
 // lease runs a lease flight and publishes its outcome.
@@ -198,63 +232,123 @@ func (l *Limiter) lease(ctx context.Context, e *entry, f *flight, req leaseReque
 	ctx, cancel := context.WithTimeout(ctx, l.cfg.StatementTimeout)
 	defer cancel()
 
-	var err error
-	returned := req.ret == 0
-	if !returned {
-		err = l.giveBack(ctx, req.key, req.window, req.ret)
-		returned = err == nil
+	var retErr, err error
+	if req.ret > 0 {
+		retErr = l.giveBack(ctx, req.key, req.window, req.ret)
 	}
 	var g grant
-	if err == nil {
+	if retErr == nil {
 		g, err = l.leaseUnits(ctx, req)
 	}
 
+	retUnknown := retErr != nil && mayHaveApplied(retErr)
+	leaseUnknown := err != nil && mayHaveApplied(err)
 	e.mu.Lock()
-	current := e.windowStart == f.window
 	switch {
+	case retErr != nil:
+		f.err = fmt.Errorf("lease budget: %w", retErr)
+		if !retUnknown && e.windowStart == req.window {
+			// Still counted in Postgres and still ours, but granted under
+			// a higher limit than now applies: keep them out of reach
+			// until a later flight or an idle return gives them back.
+			e.pendingReturn += req.ret
+		}
 	case err != nil:
 		f.err = fmt.Errorf("lease budget: %w", err)
-		if !returned && current {
-			// Still counted in Postgres, so still ours to spend.
-			e.remaining += req.ret
+	default:
+		// Postgres chose the window by its own clock; the entry follows.
+		f.window = g.window
+		if e.windowStart != g.window {
+			e.moveTo(g.window, e.limit)
 		}
-		l.log.DebugContext(ctx, "budget: lease failed", "subject", req.key.subject, "bucket", req.key.bucket, "err", err)
-	case g.units == 0:
-		f.exhausted = true
-		if current {
-			e.dbLeft = 0
+		switch {
+		case g.units == 0:
+			f.exhausted = true
+			if e.limit <= req.limit {
+				e.dbLeft = 0
+			}
+		case e.limit < req.limit:
+			// Granted under a limit that was lowered while the statement
+			// ran: give it back before spending, as advance does with a
+			// lease in hand.
+			e.pendingReturn += g.units
+			e.dbLeft = max(0, e.limit-g.used)
+		default:
+			e.remaining += g.units
+			e.dbLeft = max(0, e.limit-g.used)
+			e.touched = l.cfg.Now()
 		}
-	case current:
-		e.remaining += g.units
-		e.dbLeft = max(0, g.limit-g.used)
-		e.touched = l.cfg.Now()
 	}
 	e.flight = nil
 	e.mu.Unlock()
 	close(f.done)
+
+	switch {
+	case retUnknown:
+		l.abandon(ctx, req.key, l.metrics.abandonedReturn, req.ret, retErr)
+	case leaseUnknown:
+		l.abandon(ctx, req.key, l.metrics.abandonedLease, req.want, err)
+	case err != nil:
+		l.log.DebugContext(ctx, "budget: lease failed", "subject", req.key.subject, "bucket", req.key.bucket, "err", err)
+	}
+}
+
+// mayHaveApplied reports whether a statement that failed with err may
+// nevertheless have taken effect in Postgres. Only a certain outcome says it
+// did not: an error that happened before the statement reached the server
+// (pgconn marks those SafeToRetry; a failed connection attempt, which it
+// does not mark, happens before any statement is sent), or an error the
+// server answered with, which rolled the statement back. Anything else, such
+// as a reply lost or too late after the statement committed, may have.
+func mayHaveApplied(err error) bool {
+	if pgconn.SafeToRetry(err) {
+		return false
+	}
+	var connect *pgconn.ConnectError
+	var server *pgconn.PgError
+	return !errors.As(err, &connect) && !errors.As(err, &server)
+}
+
+// abandon records n units given up for the current window because a
+// statement's outcome is unknown. They may stay counted in Postgres with
+// no gateway holding them, so the window may refuse up to n units early;
+// assuming the opposite could allow them twice.
+func (l *Limiter) abandon(ctx context.Context, k key, c prometheus.Counter, n int64, err error) {
+	c.Add(float64(n))
+	l.log.WarnContext(ctx, "budget: statement outcome unknown; its units are given up for this window",
+		"subject", k.subject, "bucket", k.bucket, "units", n, "err", err)
 }
 
 type grant struct {
-	units, used, limit int64
+	window      int64 // Unix seconds on the database clock
+	units, used int64
 }
 
-// leaseUnits runs leaseSQL. A zero grant means the window is exhausted.
+// leaseUnits runs leaseSQL and feeds the database time it read to the
+// clock estimate. A zero grant means the window is exhausted.
 func (l *Limiter) leaseUnits(ctx context.Context, req leaseRequest) (grant, error) {
 	began := time.Now()
-	var g grant
+	sent := l.cfg.Now()
+	var (
+		dbNow, window time.Time
+		units, used   *int64
+	)
 	err := l.db.QueryRow(ctx, leaseSQL,
-		req.key.subject, req.key.bucket, time.Unix(req.window, 0).UTC(), req.key.windowSeconds,
-		req.unit, req.limit, req.want,
-	).Scan(&g.units, &g.used, &g.limit)
+		req.key.subject, req.key.bucket, req.key.windowSeconds, req.unit, req.limit, req.want,
+	).Scan(&dbNow, &window, &units, &used)
+	received := l.cfg.Now()
 	l.metrics.leaseSeconds.Observe(time.Since(began).Seconds())
-	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		l.metrics.leases.WithLabelValues("exhausted").Inc()
-		return grant{}, nil
-	case err != nil:
+	if err != nil {
 		l.metrics.leases.WithLabelValues("error").Inc()
 		return grant{}, err
 	}
+	l.clock.observe(sent, received, dbNow)
+	g := grant{window: window.Unix()}
+	if units == nil || used == nil {
+		l.metrics.leases.WithLabelValues("exhausted").Inc()
+		return g, nil
+	}
+	g.units, g.used = *units, *used
 	l.metrics.leases.WithLabelValues("granted").Inc()
 	return g, nil
 }

@@ -11,10 +11,12 @@ import (
 // the hot path never checks for nil; they are exported only when a
 // Registerer is given.
 type metrics struct {
-	allowed, refused, errored prometheus.Counter
-	leases                    *prometheus.CounterVec
-	returned                  prometheus.Counter
-	leaseSeconds              prometheus.Observer
+	allowed, refused, errored       prometheus.Counter
+	leases                          *prometheus.CounterVec
+	returned                        prometheus.Counter
+	abandonedLease, abandonedReturn prometheus.Counter
+	pruned                          prometheus.Counter
+	leaseSeconds                    prometheus.Observer
 }
 
 func newMetrics(reg prometheus.Registerer, logger *slog.Logger) *metrics {
@@ -30,6 +32,16 @@ func newMetrics(reg prometheus.Registerer, logger *slog.Logger) *metrics {
 		Namespace: "cloudconnector", Subsystem: "budget", Name: "returned_units_total",
 		Help: "Unspent leased units returned to Postgres.",
 	})
+	abandoned := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: "cloudconnector", Subsystem: "budget", Name: "abandoned_units_total",
+		Help: "Units given up for their window because a statement's outcome is unknown (its reply was lost or late), " +
+			"by reason: lease_outcome_unknown (units asked for; at most this many are counted in Postgres but held by no gateway) " +
+			"or return_outcome_unknown (units dropped from hand that Postgres may still count).",
+	}, []string{"reason"})
+	pruned := prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: "cloudconnector", Subsystem: "budget", Name: "pruned_rows_total",
+		Help: "Counter rows of long-ended windows deleted from budget_counters.",
+	})
 	latency := prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: "cloudconnector", Subsystem: "budget", Name: "lease_statement_duration_seconds",
 		Help:    "Latency of lease statements.",
@@ -39,15 +51,20 @@ func newMetrics(reg prometheus.Registerer, logger *slog.Logger) *metrics {
 		takes = register(reg, takes, logger)
 		leases = register(reg, leases, logger)
 		returned = register(reg, returned, logger)
+		abandoned = register(reg, abandoned, logger)
+		pruned = register(reg, pruned, logger)
 		latency = register(reg, latency, logger)
 	}
 	return &metrics{
-		allowed:      takes.WithLabelValues("allowed"),
-		refused:      takes.WithLabelValues("refused"),
-		errored:      takes.WithLabelValues("error"),
-		leases:       leases,
-		returned:     returned,
-		leaseSeconds: latency,
+		allowed:         takes.WithLabelValues("allowed"),
+		refused:         takes.WithLabelValues("refused"),
+		errored:         takes.WithLabelValues("error"),
+		leases:          leases,
+		returned:        returned,
+		abandonedLease:  abandoned.WithLabelValues("lease_outcome_unknown"),
+		abandonedReturn: abandoned.WithLabelValues("return_outcome_unknown"),
+		pruned:          pruned,
+		leaseSeconds:    latency,
 	}
 }
 
