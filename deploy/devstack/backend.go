@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
 	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
@@ -25,17 +26,26 @@ func demoBackend(keys jwk.Set, accept []tokenFor) http.Handler {
 type tokenFor struct{ issuer, audience string }
 
 // requireInternalToken refuses requests without a valid internal token,
-// except on the paths the gateways serve publicly.
+// except on the paths the gateways serve publicly. A gateway reuses a token
+// for many requests, so a token that verified is remembered briefly (well
+// within the lifetime it still has when a gateway hands it out) instead of
+// checking its signature every time.
 func requireInternalToken(keys jwk.Set, accept []tokenFor, next http.Handler) http.Handler {
 	public := map[string]bool{"/v1/models/definitions": true, "/monitoring/healthz": true, "/monitoring/ready": true}
+	verified := expirable.NewLRU[string, struct{}](10_000, nil, 30*time.Second)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if public[r.URL.Path] {
 			next.ServeHTTP(w, r)
 			return
 		}
 		raw := r.Header.Get(internaltoken.Header)
+		if _, ok := verified.Get(raw); ok && raw != "" {
+			next.ServeHTTP(w, r)
+			return
+		}
 		for _, a := range accept {
 			if _, err := internaltoken.Verify(raw, keys, a.issuer, a.audience); err == nil {
+				verified.Add(raw, struct{}{})
 				next.ServeHTTP(w, r)
 				return
 			}
