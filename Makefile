@@ -39,4 +39,4 @@ breaking:
 
 # Benchmarks quoted in issue notes.
 bench:
-	go test -run '^$$' -bench . -benchmem ./services/token/ ./services/opa/ ./services/authz/ ./gateways/budget/ ./gateways/usage/ ./gateways/gateway/
+	go test -run '^$$' -bench . -benchmem ./services/token/ ./services/opa/ ./services/authz/ ./gateways/budget/ ./gateways/usage/ ./gateways/internaltoken/ ./gateways/gateway/
