@@ -582,18 +582,6 @@ func (e *env) metric(tb testing.TB, name string, labels ...string) float64 {
 	return sum
 }
 
-// eventually polls cond until it holds or a generous deadline passes.
-func eventually(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
 // throughProxy points c's database URL at a proxy that the test can cut.
 func throughProxy(tb testing.TB, c *gateway.Config) *servertest.Proxy {
 	tb.Helper()
@@ -648,7 +636,7 @@ func TestDatabaseOutageKeepsReady(t *testing.T) {
 	if code, _ := e.admin(t, "/healthz"); code != http.StatusOK {
 		t.Fatalf("/healthz with the database down = %d; want 200", code)
 	}
-	eventually(t, "the outage on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 0 })
+	servertest.Eventually(t, "the outage on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 0 })
 	if !strings.Contains(e.logs.String(), "database unavailable") {
 		t.Errorf("no log line reports the outage:\n%s", e.logs)
 	}
@@ -660,7 +648,7 @@ func TestDatabaseOutageKeepsReady(t *testing.T) {
 	}
 
 	db.Restore()
-	eventually(t, "the recovery on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
+	servertest.Eventually(t, "the recovery on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
 	if !strings.Contains(e.logs.String(), "database available") {
 		t.Errorf("no log line reports the recovery:\n%s", e.logs)
 	}
@@ -685,7 +673,7 @@ func TestStartWithoutDatabase(t *testing.T) {
 		t.Fatalf("cloudconnector_database_up = %v; want 0", got)
 	}
 	db.Restore()
-	eventually(t, "the database on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
+	servertest.Eventually(t, "the database on the gauge", func() bool { return e.metric(t, "cloudconnector_database_up") == 1 })
 }
 
 // TestNewRequiresMigratedSchema checks that a gateway refuses to start on a

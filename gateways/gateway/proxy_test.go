@@ -20,6 +20,7 @@ import (
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
 
 func TestAllowedJSON(t *testing.T) {
@@ -342,7 +343,7 @@ func TestStreamCutShortIsRecorded(t *testing.T) {
 	}
 	res.Body.Close() // the client goes away mid-stream
 	<-backendDone
-	eventually(t, "the request metric", func() bool {
+	servertest.Eventually(t, "the request metric", func() bool {
 		return e.metric(t, "cloudconnector_gateway_requests_total", `route="code_suggestions"`) == 1
 	})
 	e.stopped(t)
@@ -446,7 +447,7 @@ func TestWebSocketUsage(t *testing.T) {
 	conn.Close()
 	db := e.pool(t)
 	var status int
-	eventually(t, "the WebSocket usage event", func() bool {
+	servertest.Eventually(t, "the WebSocket usage event", func() bool {
 		err := db.QueryRow(context.Background(), `SELECT status FROM usage_events WHERE route = 'ws'`).Scan(&status)
 		return err == nil
 	})

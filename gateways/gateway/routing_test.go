@@ -14,6 +14,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
 	"github.com/cloud-connector/cloud-connector/services/config"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
 
 func TestRouting(t *testing.T) {
@@ -379,7 +380,7 @@ func TestRoutesReload(t *testing.T) {
     backend: main
     timeout: 30s
 `)
-	eventually(t, "the new route", func() bool { return e.post(t, "/v2/chat/agent", "allow").status == 200 })
+	servertest.Eventually(t, "the new route", func() bool { return e.post(t, "/v2/chat/agent", "allow").status == 200 })
 	if got := e.metric(t, "cloudconnector_gateway_route_reloads_total", `result="ok"`); got != 1 {
 		t.Errorf("ok reloads = %v; want 1", got)
 	}
@@ -391,7 +392,7 @@ func TestRoutesReload(t *testing.T) {
 		oldRoutes + "    surprise: true\n",               // unknown field
 	} {
 		writeFile(t, file, bad)
-		eventually(t, "the rejection", func() bool {
+		servertest.Eventually(t, "the rejection", func() bool {
 			return e.metric(t, "cloudconnector_gateway_route_reloads_total", `result="rejected"`) == float64(i+1)
 		})
 		for _, p := range []string{"/v2/code/completions", "/v2/chat/agent"} {

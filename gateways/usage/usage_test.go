@@ -24,6 +24,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/gateways/usage"
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
 	"github.com/cloud-connector/cloud-connector/services/pglocal"
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 )
 
 var (
@@ -198,19 +199,6 @@ func metric(t *testing.T, reg *prometheus.Registry, name string, labels ...strin
 	return sum
 }
 
-// eventually polls cond until it holds, failing the test after a generous
-// deadline.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // unreachablePool returns a pool for a port nothing listens on.
 func unreachablePool(t *testing.T) *pgxpool.Pool {
 	t.Helper()
@@ -331,7 +319,7 @@ func TestDatabaseOutageLosesNoEvents(t *testing.T) {
 	for i := range 25 {
 		rec.Record(event(i))
 	}
-	eventually(t, "events written before the outage", func() bool { return count(t, pool) == 25 })
+	servertest.Eventually(t, "events written before the outage", func() bool { return count(t, pool) == 25 })
 
 	// The database goes away for good while the gateway keeps serving.
 	cc, err := pgx.ParseConfig(url)
@@ -357,7 +345,7 @@ func TestDatabaseOutageLosesNoEvents(t *testing.T) {
 		during = append(during, e)
 		rec.Record(e)
 	}
-	eventually(t, "a failed flush", func() bool { return metric(t, reg, "cloudconnector_usage_flush_errors_total") > 0 })
+	servertest.Eventually(t, "a failed flush", func() bool { return metric(t, reg, "cloudconnector_usage_flush_errors_total") > 0 })
 	closeRecorder(t, rec)
 	if got := metric(t, reg, "cloudconnector_usage_events_spooled_total"); got != 45 {
 		t.Errorf("spooled %v events, want 45", got)
@@ -374,7 +362,7 @@ func TestDatabaseOutageLosesNoEvents(t *testing.T) {
 	cfg.SpoolDir = spool
 	rec2, reg2 := newRecorder(t, healthy, cfg)
 	start(t, rec2)
-	eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, spool)) == 0 })
+	servertest.Eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, spool)) == 0 })
 	got := rows(t, healthy)
 	if len(got) != len(during) {
 		t.Errorf("replayed %d events, want %d", len(got), len(during))
@@ -405,14 +393,14 @@ func TestFullBufferSpillsToSpoolDuringOutage(t *testing.T) {
 	// Far more events than the buffer holds. Each burst fits in what is left
 	// below the high-water mark, so none may be dropped.
 	for range bursts {
-		eventually(t, "buffer below its high-water mark", func() bool {
+		servertest.Eventually(t, "buffer below its high-water mark", func() bool {
 			return metric(t, reg, "cloudconnector_usage_buffer_events") < highWater
 		})
 		for i := range burst {
 			rec.Record(event(i))
 		}
 	}
-	eventually(t, "a spill while running", func() bool { return metric(t, reg, "cloudconnector_usage_events_spooled_total") > 0 })
+	servertest.Eventually(t, "a spill while running", func() bool { return metric(t, reg, "cloudconnector_usage_events_spooled_total") > 0 })
 	closeRecorder(t, rec)
 
 	for name, want := range map[string]float64{
@@ -427,7 +415,7 @@ func TestFullBufferSpillsToSpoolDuringOutage(t *testing.T) {
 
 	rec2, _ := newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
 	start(t, rec2)
-	eventually(t, "spool replayed", func() bool {
+	servertest.Eventually(t, "spool replayed", func() bool {
 		return len(spoolFiles(t, f.spool)) == 0 && count(t, f.pool) == burst*bursts
 	})
 }
@@ -463,7 +451,7 @@ func TestReplayIsCrashSafe(t *testing.T) {
 	}
 	rec, reg := newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
 	start(t, rec)
-	eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
+	servertest.Eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
 	if n := count(t, f.pool); n != 20 {
 		t.Errorf("stored %d events, want 20", n)
 	}
@@ -479,7 +467,7 @@ func TestReplayIsCrashSafe(t *testing.T) {
 	}
 	rec, reg = newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
 	start(t, rec)
-	eventually(t, "spool replayed again", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
+	servertest.Eventually(t, "spool replayed again", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
 	if n := count(t, f.pool); n != 20 {
 		t.Errorf("stored %d events after a second replay, want 20", n)
 	}
@@ -682,7 +670,7 @@ func TestRunEnsuresPartitions(t *testing.T) {
 	}
 	rec, _ := newRecorder(t, f.pool, usage.Config{})
 	start(t, rec)
-	eventually(t, "partition "+name, func() bool {
+	servertest.Eventually(t, "partition "+name, func() bool {
 		var exists bool
 		if err := f.pool.QueryRow(ctx, "SELECT to_regclass($1) IS NOT NULL", name).Scan(&exists); err != nil {
 			t.Fatal(err)
@@ -780,7 +768,7 @@ func TestRunReportsPartitionFailureAndRetriesSoon(t *testing.T) {
 	usage.SetPartitionRetry(rec, time.Millisecond)
 	start(t, rec)
 
-	eventually(t, "a failed partition check", func() bool {
+	servertest.Eventually(t, "a failed partition check", func() bool {
 		return metric(t, reg, "cloudconnector_usage_partition_errors_total") > 0
 	})
 	if got := metric(t, reg, "cloudconnector_usage_partition_months_ahead"); got != 0 {
@@ -790,7 +778,7 @@ func TestRunReportsPartitionFailureAndRetriesSoon(t *testing.T) {
 	if _, err := f.pool.Exec(ctx, "DROP TABLE "+name); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "partitions two months ahead", func() bool {
+	servertest.Eventually(t, "partitions two months ahead", func() bool {
 		return metric(t, reg, "cloudconnector_usage_partition_months_ahead") == 2
 	})
 }
@@ -872,7 +860,7 @@ func TestReplayCorrectsFutureTimesOnly(t *testing.T) {
 	before := time.Now()
 	rec, _ := newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
 	start(t, rec)
-	eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
+	servertest.Eventually(t, "spool replayed", func() bool { return len(spoolFiles(t, f.spool)) == 0 })
 	after := time.Now()
 
 	got := rows(t, f.pool)

@@ -469,7 +469,7 @@ func TestDatabaseOutageKeepsReady(t *testing.T) {
 	if code, body := get(t, s.admin+"/readyz"); code != http.StatusOK {
 		t.Fatalf("/readyz with the database down = %d %s; want 200", code, body)
 	}
-	eventually(t, "the outage on the gauge", databaseUp("0"))
+	servertest.Eventually(t, "the outage on the gauge", databaseUp("0"))
 	if code, body := get(t, s.admin+"/readyz"); code != http.StatusOK {
 		t.Fatalf("/readyz after the outage was noticed = %d %s; want 200", code, body)
 	}
@@ -478,19 +478,7 @@ func TestDatabaseOutageKeepsReady(t *testing.T) {
 	}
 
 	db.Restore()
-	eventually(t, "the recovery on the gauge", databaseUp("1"))
-}
-
-// eventually polls cond until it holds or a generous deadline passes.
-func eventually(tb testing.TB, what string, cond func() bool) {
-	tb.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			tb.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	servertest.Eventually(t, "the recovery on the gauge", databaseUp("1"))
 }
 
 // TestNewRequiresMigratedSchema checks that the service refuses to start on

@@ -21,6 +21,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
 
+	"github.com/cloud-connector/cloud-connector/services/server/servertest"
 	"github.com/cloud-connector/cloud-connector/services/token"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
 )
@@ -450,17 +451,9 @@ func TestRefetchOutlivesCallerThatLeft(t *testing.T) {
 		t.Fatalf("caller that left: err = %v, want context.Canceled", err)
 	}
 	close(release)
-	// The refetch finishes in the background; wait (boundedly) for the
-	// rotated key to verify.
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	// The refetch finishes in the background.
+	servertest.Eventually(t, "the rotated key to verify after the refetch was released", func() bool {
 		_, err := v.Verify(ctx, rotated, aud)
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("rotated key still unknown after the refetch was released: %v", err)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err == nil
+	})
 }
