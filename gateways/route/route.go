@@ -188,7 +188,8 @@ func (b Backend) HeaderTimeout() time.Duration {
 	return b.ResponseHeaderTimeout.D()
 }
 
-// knownMethods are the methods routes may name.
+// knownMethods are the methods routes may name, and those a route that
+// names none accepts.
 var knownMethods = []string{
 	http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut,
 	http.MethodPatch, http.MethodDelete, http.MethodOptions,
@@ -229,11 +230,14 @@ func (t Table) Mux(handler func(Route) http.Handler, notFound, methodNotAllowed 
 	})
 	for _, r := range t.Routes {
 		h := handler(r)
-		if len(r.Methods) == 0 {
-			mux.Handle(r.Path, h)
-			continue
+		// A route without methods takes the known ones, not any: CONNECT
+		// would ask the backend for a tunnel and TRACE would echo the
+		// request, internal headers and all.
+		methods := r.Methods
+		if len(methods) == 0 {
+			methods = knownMethods
 		}
-		for _, m := range r.Methods {
+		for _, m := range methods {
 			mux.Method(m, r.Path, h)
 		}
 	}

@@ -275,6 +275,9 @@ func TestMux(t *testing.T) {
 		{"DELETE", "/v1/jobs/7/analysis", 405, "method"},
 		{"DELETE", "/v1/any", 200, "route:anything"},
 		{"PATCH", "/v1/any", 200, "route:anything"},
+		{"CONNECT", "/v1/any", 405, "method"},
+		{"TRACE", "/v1/any", 405, "method"},
+		{"PROPFIND", "/v1/any", 405, "method"},
 		{"GET", "/nope", 404, "not found"},
 	} {
 		rec := httptest.NewRecorder()
