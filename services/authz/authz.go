@@ -115,6 +115,9 @@ type Organization struct {
 	Name   string
 	Plan   string
 	AddOns []AddOn
+	// InstanceRealm is the realm the looked-up instance is registered
+	// with: saas or self-managed.
+	InstanceRealm string
 }
 
 // AddOn is an add-on active for an organization now.

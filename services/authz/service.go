@@ -141,15 +141,22 @@ func (s *Service) authorize(ctx context.Context, req Request, now time.Time) (De
 	}
 
 	subject := Subject{InstanceID: claims.Subject, Realm: claims.Realm, GlobalUserID: f.GlobalUserID}
-	if subject.Realm == "" {
-		subject.Realm = f.Realm
-	}
 	in := PolicyInput{Claims: claims.All, Feature: req.Feature, Audience: req.Audience, Facts: f, Now: now}
 	org, err := s.orgs.FindByInstance(ctx, claims.Subject)
 	switch {
 	case err == nil:
 		in.Organization = &org
 		subject.OrganizationID, subject.Plan = org.ID, org.Plan
+		if subject.Realm == "" && org.InstanceRealm != "" {
+			// The token does not say; the instance's registration does,
+			// and a header that is sent must agree with it as with a
+			// claim. The client's word alone never sets the realm that
+			// policy switches, metering and the backend see.
+			if f.Realm != "" && f.Realm != org.InstanceRealm {
+				return unauthenticated("realm_mismatch", MsgRealmHeader), nil
+			}
+			subject.Realm = org.InstanceRealm
+		}
 	case errors.Is(err, ErrNotFound):
 	case ctx.Err() != nil:
 		return Decision{}, fmt.Errorf("find organization: %w", err)
@@ -157,6 +164,12 @@ func (s *Service) authorize(ctx context.Context, req Request, now time.Time) (De
 		return Decision{}, fmt.Errorf("%w: find organization: %w", ErrUnavailable, err)
 	}
 
+	if subject.Realm == "" {
+		// Neither token nor registration: an unknown instance, which the
+		// policy refuses; the header is only reported.
+		subject.Realm = f.Realm
+	}
+	in.Facts.Realm = subject.Realm
 	res, err := s.policy.Evaluate(ctx, in)
 	if err != nil {
 		return Decision{}, fmt.Errorf("evaluate policy: %w", err)

@@ -6,6 +6,8 @@ import (
 	"io"
 	"log/slog"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -15,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/cloud-connector/cloud-connector/migrations/pgtest"
+	"github.com/cloud-connector/cloud-connector/policies"
 	"github.com/cloud-connector/cloud-connector/services/authz"
 	"github.com/cloud-connector/cloud-connector/services/opa"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
@@ -278,9 +281,13 @@ func TestAuthorizeLenientForms(t *testing.T) {
 		name string
 		edit func(*authz.Request)
 	}{
-		{"token without realm claim: header not compared", func(r *authz.Request) {
+		{"token without realm claim: header matches the registration", func(r *authz.Request) {
 			r.Authorization = "Bearer " + noRealm
 			r.Facts.Realm = "self-managed"
+		}},
+		{"token without realm claim, no header: the registration's realm", func(r *authz.Request) {
+			r.Authorization = "Bearer " + noRealm
+			r.Facts.Realm = ""
 		}},
 		{"scheme and authentication type in other case", func(r *authz.Request) {
 			r.Authorization = "bearer " + raw
@@ -301,9 +308,61 @@ func TestAuthorizeLenientForms(t *testing.T) {
 				t.Fatalf("decision = %s %q %q, want allow", d.Outcome, d.Reason, d.Message)
 			}
 			if d.Subject.Realm != "self-managed" {
-				t.Fatalf("subject realm = %q, want the token's self-managed", d.Subject.Realm)
+				t.Fatalf("subject realm = %q, want the token's (or registration's) self-managed", d.Subject.Realm)
 			}
 		})
+	}
+}
+
+// TestRealmWithoutClaimFollowsRegistration: a token without gitlab_realm
+// cannot choose its realm by header. A header contradicting the instance's
+// registration is refused like one contradicting a claim, and a realm
+// switch catches the request even when the header is left out.
+func TestRealmWithoutClaimFollowsRegistration(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	noRealm := mint(t, f.issuer, tokentest.Claims{Extra: map[string]any{"gitlab_realm": ""}})
+	req := request(noRealm)
+	req.Facts.Realm = "saas"
+	d, err := f.svc.Authorize(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Outcome != authz.Unauthenticated || d.Reason != "realm_mismatch" || d.Message != authz.MsgRealmHeader {
+		t.Fatalf("header saas for a self-managed registration: %s %q %q; want realm_mismatch", d.Outcome, d.Reason, d.Message)
+	}
+
+	dir := t.TempDir()
+	if err := os.CopyFS(dir, policies.FS()); err != nil {
+		t.Fatal(err)
+	}
+	// The bundle's own tests assume no switches are set; a bundle needs
+	// some test, so this one checks the switch.
+	if err := os.WriteFile(filepath.Join(dir, "authz_test.rego"), []byte(`package cloudconnector.authz_test
+
+import data.cloudconnector.authz
+
+test_switch_set if count(data.switches.disabled) == 1
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "switches", "data.yaml"),
+		[]byte("disabled:\n  - {realm: self-managed, message: paused}\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	engine, err := opa.New(context.Background(), opa.Config{Dir: dir}, discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := authz.New(authz.Config{}, newVerifier(t, f.issuer.URL()),
+		postgres.NewOrganizations(f.pool, postgres.OrganizationsConfig{}), engine, discard)
+	req.Facts.Realm = ""
+	d, err = svc.Authorize(context.Background(), req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d.Outcome != authz.Forbidden || d.Reason != "feature_disabled" || d.Subject.Realm != "self-managed" {
+		t.Fatalf("realm switch without header or claim: %s %q realm %q; want feature_disabled for self-managed", d.Outcome, d.Reason, d.Subject.Realm)
 	}
 }
 

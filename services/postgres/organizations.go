@@ -126,7 +126,7 @@ func (l lookup) result() (authz.Organization, error) {
 }
 
 const findByInstanceSQL = `
-SELECT o.id::text, o.name, o.plan, a.add_on, a.seats
+SELECT o.id::text, o.name, o.plan, i.realm, a.add_on, a.seats
 FROM instances i
 JOIN organizations o ON o.id = i.organization_id
 LEFT JOIN organization_add_ons a
@@ -148,7 +148,7 @@ func (o *Organizations) query(ctx context.Context, instanceID string) (lookup, e
 			addOn *string
 			seats *int32
 		)
-		if err := rows.Scan(&l.org.ID, &l.org.Name, &l.org.Plan, &addOn, &seats); err != nil {
+		if err := rows.Scan(&l.org.ID, &l.org.Name, &l.org.Plan, &l.org.InstanceRealm, &addOn, &seats); err != nil {
 			return lookup{}, fmt.Errorf("scan organization: %w", err)
 		}
 		l.found = true
