@@ -42,7 +42,7 @@ type metrics struct {
 
 // newMetrics creates the Recorder's metrics and registers them with reg, if
 // not nil. held reports the events in memory.
-func newMetrics(reg prometheus.Registerer, held func() float64) (*metrics, error) {
+func newMetrics(reg prometheus.Registerer, held, spoolBytes func() float64) (*metrics, error) {
 	counter := func(name, help string) prometheus.Counter {
 		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
 	}
@@ -97,9 +97,13 @@ func newMetrics(reg prometheus.Registerer, held func() float64) (*metrics, error
 		Name: "cloudconnector_usage_buffer_events",
 		Help: "Usage events held in memory, including those being written or spooled.",
 	}, held)
+	spool := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "cloudconnector_usage_spool_bytes",
+		Help: "Size of the local usage spool. Spilling stops at the configured maximum; alert well before it.",
+	}, spoolBytes)
 	collectors := []prometheus.Collector{
 		m.recorded, m.written, m.duplicates, m.spooled, m.replayed, m.corrected, m.flushErrors,
-		dropped, timeCorrected, m.partitionErrors, m.partitionMonthsAhead, m.batchSeconds, buffer,
+		dropped, timeCorrected, m.partitionErrors, m.partitionMonthsAhead, m.batchSeconds, buffer, spool,
 	}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {

@@ -241,7 +241,20 @@ func (r *Recorder) spillLoop(ctx context.Context) {
 // spill writes every queued event (not the batch in flight) to a new spool
 // file if the buffer is at its high-water mark. The events count as held
 // until they are on disk; if writing fails they go back to the queue.
+//
+// Once the spool has reached SpoolMaxBytes it takes no more: events stay in
+// memory until replay makes room, and when memory is full too, Record drops
+// new ones (counted as buffer_full). The oldest events are kept; a spool
+// that outgrew its volume would get the pod evicted and lose them all.
 func (r *Recorder) spill() error {
+	if size := r.spool.bytes.Load(); size >= r.cfg.SpoolMaxBytes {
+		if !r.spoolFull.Swap(true) {
+			r.log.Error("usage: spool full; holding events in memory until the database takes them",
+				"spool_bytes", size, "max_bytes", r.cfg.SpoolMaxBytes, "dir", r.spool.dir)
+		}
+		return nil
+	}
+	r.spoolFull.Store(false)
 	r.mu.Lock()
 	if r.q.n+r.inflight < r.highWater || r.q.n == 0 {
 		r.mu.Unlock()

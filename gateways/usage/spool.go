@@ -29,9 +29,10 @@ const (
 // JSON lines and is written once, fsync'd, then renamed into place, so a file
 // with the spool extension is complete. Files are replayed oldest first.
 type spool struct {
-	dir  string
-	seq  atomic.Uint64
-	skip map[string]bool // unreadable files replay ignores; used by Run only
+	dir   string
+	seq   atomic.Uint64
+	bytes atomic.Int64    // size of the spool files, set-aside ones included
+	skip  map[string]bool // unreadable files replay ignores; used by Run only
 }
 
 // spoolRecord is the on-disk form of an Event. It has Event's fields, so the
@@ -69,6 +70,7 @@ func openSpool(dir string) (*spool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read usage spool: %w", err)
 	}
+	s := &spool{dir: dir, skip: map[string]bool{}}
 	for _, e := range entries {
 		if name := e.Name(); strings.HasSuffix(name, spoolExt+tmpExt) {
 			path := filepath.Join(dir, name)
@@ -76,8 +78,11 @@ func openSpool(dir string) (*spool, error) {
 				return nil, fmt.Errorf("recover usage spool file: %w", err)
 			}
 		}
+		if info, err := e.Info(); err == nil && info.Mode().IsRegular() {
+			s.bytes.Add(info.Size())
+		}
 	}
-	return &spool{dir: dir, skip: map[string]bool{}}, nil
+	return s, nil
 }
 
 // write stores the events of chunks in a new spool file and fsyncs it and
@@ -117,6 +122,9 @@ func (s *spool) write(chunks [][]Event) (err error) {
 	if err := os.Rename(tmp, path); err != nil {
 		return fmt.Errorf("rename spool file: %w", err)
 	}
+	if info, err := os.Stat(path); err == nil {
+		s.bytes.Add(info.Size())
+	}
 	return syncDir(s.dir)
 }
 
@@ -139,8 +147,12 @@ func (s *spool) files() ([]string, error) {
 // remove deletes a replayed file. If the deletion is lost in a crash the
 // file is replayed again, which the idempotent insert makes harmless.
 func (s *spool) remove(path string) error {
+	info, statErr := os.Stat(path)
 	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("remove spool file: %w", err)
+	}
+	if statErr == nil {
+		s.bytes.Add(-info.Size())
 	}
 	return syncDir(s.dir)
 }

@@ -76,6 +76,7 @@ type Config struct {
 	FlushInterval time.Duration         // max time an event waits in memory while the database is healthy (default 1s)
 	BufferSize    int                   // max events held in memory, including the batch being written (default 50_000)
 	SpoolDir      string                // "" = no spool
+	SpoolMaxBytes int64                 // spool size at which spilling stops (default 512 MiB); see spill
 	RetryBackoff  time.Duration         // first retry delay after a failed flush, doubling up to 30s (default 500ms)
 	WriteTimeout  time.Duration         // max time one database statement may take (default 10s)
 	Registerer    prometheus.Registerer // optional
@@ -87,6 +88,10 @@ const (
 	defaultBufferSize    = 50_000
 	defaultRetryBackoff  = 500 * time.Millisecond
 	defaultWriteTimeout  = 10 * time.Second
+	// defaultSpoolMaxBytes stays well inside the 1 GiB emptyDir of the
+	// Kubernetes manifests: a pod that outgrows it is evicted, and its
+	// whole spool lost with it.
+	defaultSpoolMaxBytes = 512 << 20
 
 	// maxBackoff caps the retry delay, so a recovered database is noticed
 	// within half a minute.
@@ -113,6 +118,9 @@ func (c Config) withDefaults() Config {
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = defaultWriteTimeout
 	}
+	if c.SpoolMaxBytes == 0 {
+		c.SpoolMaxBytes = defaultSpoolMaxBytes
+	}
 	return c
 }
 
@@ -130,6 +138,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("RetryBackoff must be between 0 and %s", maxBackoff)
 	case c.WriteTimeout < 0:
 		return errors.New("WriteTimeout must not be negative")
+	case c.SpoolMaxBytes < 0:
+		return errors.New("SpoolMaxBytes must not be negative")
 	}
 	return nil
 }
@@ -153,6 +163,7 @@ type Recorder struct {
 	unlogged     atomic.Int64 // events dropped since the last log line
 	corrected    atomic.Int64 // events corrected since the last log line
 	spoolPending atomic.Bool  // the spool may hold files to replay
+	spoolFull    atomic.Bool  // the spool reached SpoolMaxBytes (logged once per episode)
 	dbDown       atomic.Bool  // the last write failed
 	lastReport   time.Time    // owned by Run, then by Close
 	cols         columns      // owned by Run, then by Close
@@ -205,7 +216,12 @@ func New(db DB, cfg Config, logger *slog.Logger) (*Recorder, error) {
 		r.spool = sp
 		r.spoolPending.Store(true)
 	}
-	m, err := newMetrics(cfg.Registerer, r.held)
+	m, err := newMetrics(cfg.Registerer, r.held, func() float64 {
+		if r.spool == nil {
+			return 0
+		}
+		return float64(r.spool.bytes.Load())
+	})
 	if err != nil {
 		return nil, err
 	}

@@ -420,6 +420,60 @@ func TestFullBufferSpillsToSpoolDuringOutage(t *testing.T) {
 	})
 }
 
+// TestSpoolStopsAtItsLimit fills the spool past SpoolMaxBytes during an
+// outage: spilling stops (the volume must not overflow, or the pod and its
+// whole spool would go), events then wait in memory and, with memory full,
+// are dropped and counted. Everything not dropped is stored once the
+// database is back.
+func TestSpoolStopsAtItsLimit(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	const bufferSize = 40
+	highWater := float64(bufferSize - bufferSize/4)
+	rec, reg := newRecorder(t, unreachablePool(t), usage.Config{
+		BatchSize: 5, BufferSize: bufferSize, FlushInterval: time.Millisecond,
+		RetryBackoff: time.Millisecond, SpoolDir: f.spool, SpoolMaxBytes: 1, // one spill reaches it
+	})
+	start(t, rec)
+	// Up to the high-water mark: one spill, which reaches the limit.
+	recorded := 0
+	for ; recorded < int(highWater); recorded++ {
+		rec.Record(event(recorded))
+	}
+	servertest.Eventually(t, "the first spill", func() bool {
+		return metric(t, reg, "cloudconnector_usage_events_spooled_total") > 0
+	})
+	spooled := metric(t, reg, "cloudconnector_usage_events_spooled_total")
+	if size := metric(t, reg, "cloudconnector_usage_spool_bytes"); size <= 0 {
+		t.Fatalf("cloudconnector_usage_spool_bytes = %v after a spill", size)
+	}
+	// Fill memory: nothing more may reach the spool, and once the buffer is
+	// full new events are dropped.
+	servertest.Eventually(t, "buffer full and events dropped", func() bool {
+		rec.Record(event(recorded))
+		recorded++
+		return metric(t, reg, "cloudconnector_usage_events_dropped_total", "reason", "buffer_full") > 0
+	})
+	if got := metric(t, reg, "cloudconnector_usage_events_spooled_total"); got != spooled {
+		t.Fatalf("spooled %v events past the limit (had %v)", got, spooled)
+	}
+	if held := metric(t, reg, "cloudconnector_usage_buffer_events"); held != bufferSize {
+		t.Fatalf("buffer holds %v events, want it full (%d) before dropping", held, bufferSize)
+	}
+	if files := spoolFiles(t, f.spool); len(files) != 1 {
+		t.Fatalf("spool holds %v, want the one spill", files)
+	}
+	dropped := metric(t, reg, "cloudconnector_usage_events_dropped_total", "reason", "buffer_full")
+	closeRecorder(t, rec) // spools what memory holds: Close never drops
+
+	rec2, _ := newRecorder(t, f.pool, usage.Config{SpoolDir: f.spool})
+	start(t, rec2)
+	want := recorded - int(dropped)
+	servertest.Eventually(t, "spool replayed", func() bool {
+		return len(spoolFiles(t, f.spool)) == 0 && count(t, f.pool) == want
+	})
+}
+
 func TestReplayIsCrashSafe(t *testing.T) {
 	t.Parallel()
 	f := setup(t)
