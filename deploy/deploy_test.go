@@ -26,6 +26,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/decision"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 	"github.com/cloud-connector/cloud-connector/services/token"
 )
 
@@ -44,6 +45,10 @@ const (
 	// adminDrain is how long a process may keep its admin port open after
 	// the public drain, for requests in flight there (a metrics scrape).
 	adminDrain = server.AdminDrain
+	// decisionSpanExport is how long the decision service may spend
+	// exporting its last spans once it has drained (gateways do so within
+	// gatewayCloseBound).
+	decisionSpanExport = telemetry.ShutdownTimeout
 	// graceMargin is the least slack the grace period must leave over the
 	// worst-case shutdown: process exit, log flush, a kubelet that is slow
 	// to send SIGTERM after preStop.

@@ -682,7 +682,7 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 	switch g, isGateway := cs.gateways[cp.binary]; {
 	case cp.binary == "decision":
 		d := cs.decision.WithDefaults()
-		listen, adminListen, drain = d.Listen, d.AdminListen, d.ShutdownDrain.D()+adminDrain
+		listen, adminListen, drain = d.Listen, d.AdminListen, d.ShutdownDrain.D()+adminDrain+decisionSpanExport
 	case isGateway:
 		g = g.WithDefaults()
 		listen, adminListen, drain = g.Listen, g.AdminListen, g.ShutdownDrain.D()+adminDrain+gatewayCloseBound
@@ -740,9 +740,11 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 
 	// Shutdown: the endpoint leaves load balancers during preStop, then
 	// SIGTERM starts the public drain bounded by shutdown_drain, after which
-	// the admin port drains (adminDrain) and gateways return leases and
-	// flush usage (gatewayCloseBound); the grace period covers all of it
-	// with a margin, or the kubelet's SIGKILL cuts the last step.
+	// the admin port drains (adminDrain), gateways return leases, flush
+	// usage and export their last spans (gatewayCloseBound), and the
+	// decision service exports its last spans (decisionSpanExport); the
+	// grace period covers all of it with a margin, or the kubelet's SIGKILL
+	// cuts the last step.
 	var sleep time.Duration
 	if c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
 		t.Error("no preStop sleep: SIGTERM would arrive while the endpoint still receives traffic")
@@ -753,8 +755,9 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 		t.Error("terminationGracePeriodSeconds unset (default 30s)")
 	} else if grace := time.Duration(*ps.TerminationGracePeriodSeconds) * time.Second; grace < sleep+drain+graceMargin {
 		t.Errorf("terminationGracePeriodSeconds %s must be at least preStop sleep %s + shutdown %s + margin %s "+
-			"(shutdown is shutdown_drain + %s admin drain, plus %s for gateways to return leases and flush usage)",
-			grace, sleep, drain, graceMargin, adminDrain, gatewayCloseBound)
+			"(shutdown is shutdown_drain + %s admin drain, plus %s for gateways to return leases, flush usage "+
+			"and export spans, or %s for the decision service to export spans)",
+			grace, sleep, drain, graceMargin, adminDrain, gatewayCloseBound, decisionSpanExport)
 	}
 
 	// Availability.

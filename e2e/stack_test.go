@@ -16,6 +16,10 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+	semconv "go.opentelemetry.io/otel/semconv/v1.43.0"
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
 	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
@@ -53,6 +57,10 @@ type stack struct {
 
 	logger     *slog.Logger
 	aiBackends map[string]route.Backend
+	// spans receives every component's spans as they end, as a collector
+	// would; each span's resource names its service. A component that
+	// stops does not clear it.
+	spans *tracetest.InMemoryExporter
 	// keyFile signs both gateways' internal tokens.
 	keyFile string
 
@@ -71,7 +79,7 @@ func setup(t *testing.T, opts options) *stack {
 	t.Helper()
 	ctx := context.Background()
 	s := &stack{issuer: tokentest.Start(t), backend: newBackend(t), dbURL: pgtest.URL(t),
-		keyFile: filepath.Join(t.TempDir(), "internal-token.pem")}
+		keyFile: filepath.Join(t.TempDir(), "internal-token.pem"), spans: tracetest.NewInMemoryExporter()}
 	if err := internaltoken.WriteKeyFile(s.keyFile); err != nil {
 		t.Fatal(err)
 	}
@@ -105,6 +113,7 @@ func setup(t *testing.T, opts options) *stack {
 		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{{
 			Issuer: s.issuer.URL(), Audiences: []string{aiAudience, "gitlab-cicd"},
 		}}},
+		TracerProvider: s.tracerProvider("decision"),
 	}, logger)
 	if err != nil {
 		t.Fatal(err)
@@ -132,7 +141,8 @@ func (s *stack) startGateway(t *testing.T, name, prefix string, backends map[str
 		Name: name, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Prefix: prefix,
 		DecisionURL: "http://" + s.decision.Addr(), DatabaseURL: s.dbURL,
 		Backends: backends, Routes: table, UsageSpoolDir: t.TempDir(),
-		InternalToken: &gateway.InternalTokenConfig{Issuer: internalIssuer + prefix, KeyFiles: []string{s.keyFile}},
+		InternalToken:  &gateway.InternalTokenConfig{Issuer: internalIssuer + prefix, KeyFiles: []string{s.keyFile}},
+		TracerProvider: s.tracerProvider(name),
 	}, s.logger)
 	if err != nil {
 		t.Fatal(err)
@@ -140,6 +150,20 @@ func (s *stack) startGateway(t *testing.T, name, prefix string, backends map[str
 	s.start(t, g.Run)
 	return g
 }
+
+// tracerProvider records the spans of the service named name into
+// s.spans, as that service's own process would export them. The component
+// it is handed to shuts it down.
+func (s *stack) tracerProvider(name string) *sdktrace.TracerProvider {
+	return sdktrace.NewTracerProvider(sdktrace.WithSyncer(keep{s.spans}),
+		sdktrace.WithResource(resource.NewSchemaless(semconv.ServiceName(name))))
+}
+
+// keep is an exporter that keeps its spans when shut down, which an
+// InMemoryExporter forgets.
+type keep struct{ *tracetest.InMemoryExporter }
+
+func (keep) Shutdown(context.Context) error { return nil }
 
 // start runs fn until the test ends (or stop is called) and fails the test
 // if it returns an error.

@@ -30,6 +30,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
 	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
@@ -42,6 +43,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/pglocal"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 	"github.com/cloud-connector/cloud-connector/services/token"
 	"github.com/cloud-connector/cloud-connector/services/token/tokentest"
 )
@@ -151,11 +153,26 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}), backendLn, logger)
 	backendURL := "http://" + backendLn.Addr().String()
 
+	// Each component traces as its own service, exported as the OTEL_*
+	// variables say (to a local Jaeger, say); each shuts its own down.
+	telemetry.ReportErrors(logger)
+	tracing := func(service string) (trace.TracerProvider, error) {
+		t, err := telemetry.New(ctx, telemetry.Config{ServiceName: service, Getenv: getenv})
+		if err != nil {
+			return nil, err
+		}
+		return t.TracerProvider(), nil
+	}
+	decisionTracing, err := tracing("decision")
+	if err != nil {
+		return err
+	}
 	dec, err := decision.New(ctx, decision.Config{
 		Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", DatabaseURL: dbURL, PolicyDir: *policyDir,
 		Token: decision.TokenConfig{Issuers: []token.IssuerConfig{{
 			Issuer: issuer.URL(), Audiences: []string{aiAudience, cicdAudience, duoAudience},
 		}}},
+		TracerProvider: decisionTracing,
 	}, logger)
 	if err != nil {
 		return err
@@ -174,11 +191,16 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		if err != nil {
 			return err
 		}
+		tp, err := tracing(name)
+		if err != nil {
+			return err
+		}
 		g, err := gateway.New(ctx, gateway.Config{
 			Name: name, Listen: "127.0.0.1:0", AdminListen: "127.0.0.1:0", Prefix: "/" + name,
 			DecisionURL: "http://" + dec.Addr(), DatabaseURL: dbURL, Backends: backends, Routes: table,
-			ShutdownDrain: config.Duration(5 * time.Second),
-			InternalToken: &gateway.InternalTokenConfig{Issuer: entryURL + "/" + name, KeyFiles: []string{keyFile}},
+			ShutdownDrain:  config.Duration(5 * time.Second),
+			InternalToken:  &gateway.InternalTokenConfig{Issuer: entryURL + "/" + name, KeyFiles: []string{keyFile}},
+			TracerProvider: tp,
 		}, logger)
 		if err != nil {
 			return err

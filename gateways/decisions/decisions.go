@@ -14,12 +14,16 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"connectrpc.com/otelconnect"
 	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 	"golang.org/x/sync/singleflight"
 
 	authzv1 "github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1"
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 )
 
 // Decision is the service's answer, normalized to fail closed, and whether
@@ -50,6 +54,11 @@ type Config struct {
 	Now func() time.Time
 	// Registerer receives metrics; nil registers none.
 	Registerer prometheus.Registerer
+	// TracerProvider creates a client span per Authorize call, a child of
+	// the caller's span, whose context the service receives (W3C
+	// traceparent). Nil: no spans of its own, though the caller's trace
+	// context still reaches the service.
+	TracerProvider trace.TracerProvider
 }
 
 // Client is a caching Authorize client. It is safe for concurrent use.
@@ -86,12 +95,21 @@ func New(cfg Config) (*Client, error) {
 	if cfg.HTTPClient == nil {
 		cfg.HTTPClient = h2cClient()
 	}
+	if cfg.TracerProvider == nil {
+		cfg.TracerProvider = noop.NewTracerProvider()
+	}
 	cache, err := lru.New[[32]byte, entry](cfg.CacheSize)
 	if err != nil {
 		return nil, fmt.Errorf("decision cache: %w", err)
 	}
+	tracing, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(cfg.TracerProvider),
+		otelconnect.WithPropagator(telemetry.Propagator()), otelconnect.WithoutMetrics())
+	if err != nil {
+		return nil, fmt.Errorf("decision client tracing: %w", err)
+	}
 	c := &Client{
-		rpc:   authzv1connect.NewAuthorizationServiceClient(cfg.HTTPClient, cfg.URL),
+		rpc: authzv1connect.NewAuthorizationServiceClient(cfg.HTTPClient, cfg.URL,
+			connect.WithInterceptors(tracing)),
 		cfg:   cfg,
 		cache: cache,
 		lookups: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -131,7 +149,8 @@ func (c *Client) Decide(ctx context.Context, req *authzv1.AuthorizeRequest) (Dec
 		return d, nil
 	}
 	v, err, _ := c.group.Do(string(key[:]), func() (any, error) {
-		// The shared call must not die with the first caller's context.
+		// The shared call must not die with the first caller's context. It
+		// keeps its trace: the call's span is a child of the first caller's.
 		callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.cfg.Timeout)
 		defer cancel()
 		res, err := c.rpc.Authorize(callCtx, connect.NewRequest(req))

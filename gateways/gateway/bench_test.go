@@ -7,18 +7,28 @@ import (
 	"testing"
 	"time"
 
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
+
 	"github.com/cloud-connector/cloud-connector/gateways/gateway"
 )
 
 // BenchmarkGatewayAllowed measures the whole gateway path of an allowed
 // request whose decision is cached: path cleaning, routing, decision cache,
 // budget lease, header rewriting, proxying to a trivial backend and the
-// usage event; with internal_token, also the (cached) internal token.
+// usage event, the request's span and the backend's traceparent; with
+// internal_token, also the (cached) internal token; with traced, spans
+// recorded and exported (to nowhere) for every request.
 // Client and backend run in the same process, so ns/op and allocs/op
 // include their share.
 func BenchmarkGatewayAllowed(b *testing.B) {
 	b.Run("headers", func(b *testing.B) { benchGatewayAllowed(b, nil) })
 	b.Run("internal_token", func(b *testing.B) { benchGatewayAllowed(b, withInternalToken(b)) })
+	b.Run("traced", func(b *testing.B) {
+		benchGatewayAllowed(b, func(c *gateway.Config) {
+			c.TracerProvider = sdktrace.NewTracerProvider(sdktrace.WithBatcher(tracetest.NewNoopExporter()))
+		})
+	})
 }
 
 func benchGatewayAllowed(b *testing.B, configure func(*gateway.Config)) {
@@ -28,7 +38,9 @@ func benchGatewayAllowed(b *testing.B, configure func(*gateway.Config)) {
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(reply)
 	})
-	e := setup(b, options{handler: backend, configure: configure})
+	// Tracing as in production without an OTLP endpoint: every request
+	// has a span and the backend a traceparent, nothing is recorded.
+	e := setup(b, options{handler: backend, configure: configure, noExport: true})
 	e.fake.set("bench", allowed(time.Hour, 1<<50))
 	if r := e.post(b, "/v2/code/completions", "bench"); r.status != http.StatusOK {
 		b.Fatalf("priming request: status %d (%s)", r.status, r.body)

@@ -9,11 +9,13 @@ import (
 	"github.com/cloud-connector/cloud-connector/gateways/routes"
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 )
 
 // RunCommand is the whole of a gateway binary named name ("ai", "cicd"):
 // flags, config file, environment overrides (DATABASE_URL, DECISION_URL),
-// the built-in route table, then Run.
+// the built-in route table, tracing from the OTEL_* variables (see package
+// telemetry), then Run.
 func RunCommand(ctx context.Context, name string, args []string, getenv func(string) string, stderr io.Writer) error {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -47,5 +49,12 @@ func RunCommand(ctx context.Context, name string, args []string, getenv func(str
 	if cfg.Routes, err = routes.Default(name); err != nil {
 		return err
 	}
+	tracing, err := telemetry.New(ctx, telemetry.Config{ServiceName: name, Getenv: getenv})
+	if err != nil {
+		return err
+	}
+	telemetry.ReportErrors(logger)
+	telemetry.LogStart(logger, tracing)
+	cfg.TracerProvider = tracing.TracerProvider() // Run shuts it down
 	return Run(ctx, cfg, logger)
 }

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/cloud-connector/cloud-connector/gateways/route"
 	"github.com/cloud-connector/cloud-connector/services/config"
 )
@@ -72,6 +74,14 @@ type Config struct {
 
 	// Routes is the built-in route table, used when RoutesFile is empty.
 	Routes route.Table `json:"-"`
+	// TracerProvider creates the gateway's spans: one per request, which
+	// starts a new trace (see startSpan), and children for its Authorize
+	// call and its backend request, whose context reaches the decision
+	// service and the backend as a W3C traceparent. Nil:
+	// telemetry.NoExport(). The gateway owns it: Run shuts it down last,
+	// within CloseTimeout (a failed New, at once), so give each gateway
+	// its own.
+	TracerProvider trace.TracerProvider `json:"-"`
 }
 
 // InternalTokenConfig configures the internal tokens a gateway signs; see

@@ -22,6 +22,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/cloud-connector/cloud-connector/gateways/budget"
 	"github.com/cloud-connector/cloud-connector/gateways/decisions"
@@ -31,6 +32,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/migrations"
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 )
 
 // Gateway is a running gateway. Its ServeHTTP is the public handler.
@@ -48,6 +50,8 @@ type Gateway struct {
 	metrics   *metrics
 	database  *server.Dependency
 	signer    *internaltoken.Signer // nil: no internal tokens
+	tracing   trace.TracerProvider
+	tracer    trace.Tracer
 
 	proc          *server.Process
 	sessions      *sessions
@@ -59,7 +63,7 @@ type Gateway struct {
 }
 
 // CloseTimeout bounds the work Run does after the drain: returning budget
-// leases and flushing recorded usage.
+// leases, flushing recorded usage, then exporting the last spans.
 const CloseTimeout = 15 * time.Second
 
 // New builds a gateway from cfg and opens its listeners; Run serves. It
@@ -70,23 +74,29 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 	cfg = cfg.WithDefaults()
 	trusted, err := cfg.validate()
 	if err != nil {
+		telemetry.Shutdown(context.WithoutCancel(ctx), cfg.TracerProvider) // owned, and nothing traced
 		return nil, fmt.Errorf("gateway config: %w", err)
 	}
-	logger = logger.With("gateway", cfg.Name)
+	logger = telemetry.Logger(logger).With("gateway", cfg.Name)
 	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}, hosts: hostNames(cfg.Hosts),
-		sessions: newSessions()}
+		sessions: newSessions(), tracing: cfg.TracerProvider}
+	if g.tracing == nil {
+		g.tracing = telemetry.NoExport()
+	}
+	g.tracer = g.tracing.Tracer(tracerName)
 	g.bgCtx, g.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
 			g.cancel()
 			g.closeResources()
+			telemetry.Shutdown(context.WithoutCancel(ctx), g.tracing) // nothing traced
 		}
 	}()
 	reg := server.NewRegistry()
 	g.metrics = newMetrics(reg, cfg.Name)
 
 	for name, bc := range cfg.Backends {
-		b, err := newBackend(name, bc, trusted, logger)
+		b, err := newBackend(name, bc, trusted, g.tracing, logger)
 		if err != nil {
 			return nil, fmt.Errorf("backend %s: %w", name, err)
 		}
@@ -122,6 +132,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 	}
 	if g.decisions, err = decisions.New(decisions.Config{
 		URL: cfg.DecisionURL, Timeout: cfg.DecisionTimeout.D(), CacheSize: cfg.DecisionCacheSize, Registerer: reg,
+		TracerProvider: g.tracing,
 	}); err != nil {
 		return nil, err
 	}
@@ -149,9 +160,12 @@ func (g *Gateway) AdminAddr() string { return g.proc.AdminAddr() }
 // ServeHTTP normalizes the path, applies host or prefix mounting and routes
 // the request.
 func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	path, err := route.CleanPath(r.URL.EscapedPath())
+	escaped := r.URL.EscapedPath()
+	ctx, span := g.startSpan(r, escaped)
+	defer span.End()
+	path, err := route.CleanPath(escaped)
 	if err != nil {
-		g.metrics.observe("", http.StatusBadRequest, time.Now())
+		g.observe(ctx, "", http.StatusBadRequest, time.Now())
 		detail(http.StatusBadRequest, grpcInvalidArgument, msgBadPath).write(w, r)
 		return
 	}
@@ -159,20 +173,20 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// On every host and port, with or without the prefix: backends
 		// fetch it over the cluster network, by the Service's name.
 		g.serveJWKS(w)
+		spanStatus(ctx, http.StatusOK)
 		return
 	}
 	if !g.hostMounted(r.Host) {
 		var ok bool
 		if path, ok = route.StripPrefix(path, g.cfg.Prefix); !ok || (g.cfg.Prefix == "" && len(g.cfg.Hosts) > 0) {
-			g.metrics.observe("", http.StatusNotFound, time.Now())
+			g.observe(ctx, "", http.StatusNotFound, time.Now())
 			detail(http.StatusNotFound, grpcUnimplemented, msgNotFound).write(w, r)
 			return
 		}
 	}
 	u := *r.URL
 	u.RawPath, u.Path = path, unescape(path)
-	r2 := new(http.Request)
-	*r2 = *r
+	r2 := r.WithContext(ctx)
 	r2.URL = &u
 	(*g.mux.Load()).ServeHTTP(w, r2)
 }
@@ -247,6 +261,11 @@ func (g *Gateway) Run(ctx context.Context) error {
 		errs = append(errs, fmt.Errorf("flush usage: %w", err))
 	}
 	g.closeResources()
+	// Last, as it was opened first: the drained requests' spans go out
+	// within the grace period. Losing them is no failure of the gateway.
+	if err := telemetry.Shutdown(closeCtx, g.tracing); err != nil {
+		g.logger.Warn("spans not exported at shutdown", "error", err)
+	}
 	g.logger.Info("gateway stopped")
 	return errors.Join(errs...)
 }
@@ -299,8 +318,10 @@ func (g *Gateway) install(t route.Table, sum [32]byte) {
 			g.serveRoute(rt, b, w, r, r.URL.EscapedPath())
 		})
 	}, func(w http.ResponseWriter, r *http.Request) {
+		spanStatus(r.Context(), http.StatusNotFound)
 		detail(http.StatusNotFound, grpcUnimplemented, msgNotFound).write(w, r)
 	}, func(w http.ResponseWriter, r *http.Request) {
+		spanStatus(r.Context(), http.StatusMethodNotAllowed)
 		detail(http.StatusMethodNotAllowed, grpcUnimplemented, msgMethod).write(w, r)
 	})
 	g.mux.Store(&h)
@@ -372,6 +393,12 @@ func newMetrics(reg prometheus.Registerer, gateway string) *metrics {
 	}
 	reg.MustRegister(m.requests, m.duration, m.denials, m.routeReloads)
 	return m
+}
+
+// observe counts a response in the metrics and on the request's span.
+func (g *Gateway) observe(ctx context.Context, route string, status int, start time.Time) {
+	g.metrics.observe(route, status, start)
+	spanStatus(ctx, status)
 }
 
 func (m *metrics) observe(route string, status int, start time.Time) {

@@ -20,6 +20,8 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"github.com/jackc/pgx/v5/pgxpool"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
@@ -54,6 +56,8 @@ type fakeDecider struct {
 	byToken map[string]*authzv1.AuthorizeResponse
 	calls   int
 	reqs    []*authzv1.AuthorizeRequest
+	// traceparents has each call's traceparent header.
+	traceparents []string
 }
 
 func (f *fakeDecider) Authorize(_ context.Context, req *connect.Request[authzv1.AuthorizeRequest]) (*connect.Response[authzv1.AuthorizeResponse], error) {
@@ -61,6 +65,7 @@ func (f *fakeDecider) Authorize(_ context.Context, req *connect.Request[authzv1.
 	defer f.mu.Unlock()
 	f.calls++
 	f.reqs = append(f.reqs, proto.CloneOf(req.Msg))
+	f.traceparents = append(f.traceparents, req.Header().Get("Traceparent"))
 	auth := req.Msg.GetAuthorization()
 	if auth == "" {
 		return connect.NewResponse(&authzv1.AuthorizeResponse{
@@ -273,6 +278,11 @@ type options struct {
 	handler http.Handler
 	// configure edits the gateway config before New.
 	configure func(*gateway.Config)
+	// noExport leaves Config.TracerProvider nil, as in production without
+	// an OTLP endpoint: spans carry ids but are not recorded. By default
+	// the gateway records its spans into env.spans, so every test also
+	// runs the proxy under a recorded trace.
+	noExport bool
 }
 
 // env is a running gateway with its fake decision service, backends and
@@ -285,6 +295,8 @@ type env struct {
 	dbURL  string
 	client *http.Client
 	logs   *servertest.Buffer
+	// spans receives the gateway's spans as they end; nil with noExport.
+	spans *tracetest.InMemoryExporter
 	// stop cancels Run and waits for it to return; later calls return the
 	// first result. Usage events are in the database once it returns.
 	stop func() error
@@ -322,6 +334,11 @@ func setup(tb testing.TB, o options) *env {
 		Routes:        route.Table{Routes: testRoutes()},
 		ShutdownDrain: config.Duration(5 * time.Second),
 	}
+	var spans *tracetest.InMemoryExporter
+	if !o.noExport {
+		spans = tracetest.NewInMemoryExporter()
+		cfg.TracerProvider = sdktrace.NewTracerProvider(sdktrace.WithSyncer(spans)) // the gateway shuts it down
+	}
 	if o.configure != nil {
 		o.configure(&cfg)
 	}
@@ -346,7 +363,7 @@ func setup(tb testing.TB, o options) *env {
 	tb.Cleanup(client.CloseIdleConnections)
 	return &env{
 		g: g, cfg: cfg, base: "http://" + g.Addr() + cfg.Prefix, fake: fake, dbURL: dbURL, client: client, stop: stop,
-		logs: logs,
+		logs: logs, spans: spans,
 	}
 }
 

@@ -11,6 +11,8 @@ import (
 	"unicode"
 
 	"github.com/google/uuid"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/cloud-connector/cloud-connector/gateways/budget"
 	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
@@ -37,6 +39,8 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	start := time.Now()
 	reqID := requestID(r)
 	w.Header().Set(hdrRequestID, reqID)
+	span := trace.SpanFromContext(r.Context())
+	nameSpan(span, r, rt, reqID)
 	up := &upstream{path: path, headers: http.Header{hdrRequestID: {reqID}, hdrGateway: {g.cfg.Name}}}
 	ctx := context.WithValue(r.Context(), upstreamKey{}, up)
 
@@ -87,8 +91,12 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 			RequestId:      reqID,
 		},
 	})
+	if span.IsRecording() {
+		span.SetAttributes(attribute.String("cloudconnector.feature", feature),
+			attribute.Bool("cloudconnector.decision.cached", d.Cached))
+	}
 	if err != nil {
-		g.logger.Warn("no decision; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
+		g.logger.WarnContext(ctx, "no decision; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
 		w.Header().Set("Retry-After", "5")
 		g.deny(w, r, rt, "decision_unavailable", unavailable(), start)
 		return
@@ -111,7 +119,7 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 			Audience: b.cfg.Audience, Subject: s.GetInstanceId(), OrganizationID: s.GetOrganizationId(),
 			Realm: s.GetRealm(), Feature: feature, Plan: s.GetPlan(),
 		}); err != nil {
-			g.logger.Error("sign internal token", "error", err, "route", rt.Name, "request_id", reqID)
+			g.logger.ErrorContext(ctx, "sign internal token", "error", err, "route", rt.Name, "request_id", reqID)
 			g.deny(w, r, rt, "internal_token_failed", internalError(), start)
 			return
 		}
@@ -126,12 +134,12 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	switch {
 	case err != nil && r.Context().Err() != nil:
 		// The client went away while the budget was asked; nothing to answer.
-		g.metrics.observe(rt.Name, statusClientGoneAway, start)
+		g.observe(ctx, rt.Name, statusClientGoneAway, start)
 		return
 	case err != nil && rt.FailMode() == route.FailOpen && !errors.Is(err, budget.ErrInvalidSpec):
-		g.logger.Warn("budget unavailable; failing open", "error", err, "route", rt.Name, "request_id", reqID)
+		g.logger.WarnContext(ctx, "budget unavailable; failing open", "error", err, "route", rt.Name, "request_id", reqID)
 	case err != nil:
-		g.logger.Warn("budget unavailable; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
+		g.logger.WarnContext(ctx, "budget unavailable; failing closed", "error", err, "route", rt.Name, "request_id", reqID)
 		w.Header().Set("Retry-After", "5")
 		g.deny(w, r, rt, "budget_unavailable", unavailable(), start)
 		return
@@ -207,7 +215,7 @@ func (g *Gateway) finish(rt route.Route, rec *recorder, up *upstream, r *http.Re
 			status = http.StatusBadGateway
 		}
 	}
-	g.metrics.observe(rt.Name, status, start)
+	g.observe(r.Context(), rt.Name, status, start)
 	if ev != nil {
 		ev.Status = status
 		ev.Duration = time.Since(start)
@@ -317,8 +325,9 @@ func hasToken(values []string, token string) bool {
 
 func (g *Gateway) deny(w http.ResponseWriter, r *http.Request, rt route.Route, reason string, p problem, start time.Time) {
 	g.metrics.denials.WithLabelValues(g.cfg.Name, rt.Name, strconv.Itoa(p.status), reason).Inc()
+	trace.SpanFromContext(r.Context()).SetAttributes(attribute.String("cloudconnector.denial_reason", reason))
 	p.write(w, r)
-	g.metrics.observe(rt.Name, p.status, start)
+	g.observe(r.Context(), rt.Name, p.status, start)
 }
 
 func statusOf(rec *recorder, up *upstream) int {

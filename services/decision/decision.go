@@ -19,7 +19,9 @@ import (
 	"connectrpc.com/connect"
 	"connectrpc.com/grpchealth"
 	"connectrpc.com/grpcreflect"
+	"connectrpc.com/otelconnect"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/cloud-connector/cloud-connector/migrations"
 	"github.com/cloud-connector/cloud-connector/proto/gen/cloudconnector/authz/v1/authzv1connect"
@@ -28,6 +30,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/opa"
 	"github.com/cloud-connector/cloud-connector/services/postgres"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 	"github.com/cloud-connector/cloud-connector/services/token"
 )
 
@@ -55,6 +58,12 @@ type Config struct {
 	// ShutdownDrain bounds graceful shutdown. Default 15s.
 	ShutdownDrain config.Duration `json:"shutdown_drain"`
 	Token         TokenConfig     `json:"token"`
+
+	// TracerProvider creates a server span per Authorize call, a child of
+	// the calling gateway's span (W3C traceparent). Nil:
+	// telemetry.NoExport(). The service owns it: Run shuts it down last,
+	// within telemetry.ShutdownTimeout (a failed New, at once).
+	TracerProvider trace.TracerProvider `json:"-"`
 }
 
 // TokenConfig configures token verification; see token.Config. Durations
@@ -188,6 +197,7 @@ type Server struct {
 	cancel   context.CancelFunc
 	bgCtx    context.Context
 	bg       sync.WaitGroup
+	tracing  trace.TracerProvider
 }
 
 // New builds the service and opens its listeners; Run serves. Background
@@ -198,9 +208,14 @@ type Server struct {
 func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err error) {
 	cfg = cfg.WithDefaults()
 	if err := cfg.validate(); err != nil {
+		telemetry.Shutdown(context.WithoutCancel(ctx), cfg.TracerProvider) // owned, and nothing traced
 		return nil, fmt.Errorf("decision config: %w", err)
 	}
-	s := &Server{cfg: cfg, logger: logger}
+	logger = telemetry.Logger(logger)
+	s := &Server{cfg: cfg, logger: logger, tracing: cfg.TracerProvider}
+	if s.tracing == nil {
+		s.tracing = telemetry.NoExport()
+	}
 	s.bgCtx, s.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
 		if err != nil {
@@ -252,9 +267,18 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 	})
 	svc := authz.New(authz.Config{Registerer: reg}, verifier, orgs, s.engine, logger)
 
+	// Only gateways can reach this port (NetworkPolicy decision), and they
+	// start every trace themselves (see package gateway), so a caller's
+	// trace context is trusted: Authorize is a child of the gateway's call.
+	// Health checks and reflection are left untraced.
+	tracing, err := otelconnect.NewInterceptor(otelconnect.WithTracerProvider(s.tracing),
+		otelconnect.WithPropagator(telemetry.Propagator()), otelconnect.WithTrustRemote(), otelconnect.WithoutMetrics())
+	if err != nil {
+		return nil, fmt.Errorf("authorize tracing: %w", err)
+	}
 	mux := http.NewServeMux()
 	mux.Handle(authzv1connect.NewAuthorizationServiceHandler(authz.NewHandler(svc, logger),
-		connect.WithReadMaxBytes(1<<20)))
+		connect.WithReadMaxBytes(1<<20), connect.WithInterceptors(tracing)))
 	s.health = grpchealth.NewStaticChecker(authzv1connect.AuthorizationServiceName)
 	mux.Handle(grpchealth.NewHandler(s.health))
 	reflector := grpcreflect.NewStaticReflector(authzv1connect.AuthorizationServiceName, grpchealth.HealthV1ServiceName)
@@ -276,8 +300,9 @@ func (s *Server) Addr() string { return s.proc.Addr() }
 // AdminAddr is the admin port's listening address.
 func (s *Server) AdminAddr() string { return s.proc.AdminAddr() }
 
-// Run serves until ctx is done, then drains in-flight calls and releases
-// every resource.
+// Run serves until ctx is done, then drains in-flight calls, releases
+// every resource and exports the last spans (within
+// telemetry.ShutdownTimeout).
 func (s *Server) Run(ctx context.Context) error {
 	defer s.close()
 	s.logger.Info("decision service listening", "addr", s.Addr(), "admin", s.AdminAddr(),
@@ -301,6 +326,11 @@ func (s *Server) close() {
 	}
 	if s.proc != nil {
 		s.proc.Close()
+	}
+	// Last, as it was opened first: the drained calls' spans go out
+	// within the grace period. Losing them is no failure of the service.
+	if err := telemetry.Shutdown(context.Background(), s.tracing); err != nil {
+		s.logger.Warn("spans not exported at shutdown", "error", err)
 	}
 }
 

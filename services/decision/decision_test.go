@@ -61,6 +61,12 @@ type service struct {
 // config before New.
 func start(t testing.TB, configure ...func(*decision.Config)) service {
 	t.Helper()
+	return startLogging(t, discard, configure...)
+}
+
+// startLogging is start with the service logging to logger.
+func startLogging(t testing.TB, logger *slog.Logger, configure ...func(*decision.Config)) service {
+	t.Helper()
 	iss := tokentest.Start(t)
 	dbURL := pgtest.URL(t)
 	pool, err := pgxpool.New(context.Background(), dbURL)
@@ -89,7 +95,7 @@ func start(t testing.TB, configure ...func(*decision.Config)) service {
 		f(&cfg)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	s, err := decision.New(ctx, cfg, discard)
+	s, err := decision.New(ctx, cfg, logger)
 	if err != nil {
 		cancel()
 		t.Fatalf("decision.New: %v", err)

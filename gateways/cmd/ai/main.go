@@ -2,7 +2,8 @@
 //
 //	ai -config ai.yaml
 //
-// DATABASE_URL and DECISION_URL override the config file.
+// DATABASE_URL and DECISION_URL override the config file; the OTEL_*
+// variables configure tracing (see package telemetry).
 package main
 
 import (

@@ -22,6 +22,7 @@ import (
 	"github.com/cloud-connector/cloud-connector/services/config"
 	"github.com/cloud-connector/cloud-connector/services/decision"
 	"github.com/cloud-connector/cloud-connector/services/server"
+	"github.com/cloud-connector/cloud-connector/services/telemetry"
 )
 
 func main() {
@@ -47,6 +48,9 @@ Environment:
                  migrate needs only this.
   CONFIG_FILE    config file when -config is not given
   LOG_LEVEL      log level when -log-level is not given
+  OTEL_*         tracing: OTEL_EXPORTER_OTLP_ENDPOINT (unset: spans are not
+                 exported), OTEL_TRACES_SAMPLER[_ARG], OTEL_SERVICE_NAME,
+                 OTEL_SDK_DISABLED; see deploy/README.md
 `
 
 func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
@@ -99,6 +103,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		cfg.DatabaseURL = v
 	}
 	if cmd == "serve" {
+		tracing, err := telemetry.New(ctx, telemetry.Config{ServiceName: "decision", Getenv: getenv})
+		if err != nil {
+			return err
+		}
+		telemetry.ReportErrors(logger)
+		telemetry.LogStart(logger, tracing)
+		cfg.TracerProvider = tracing.TracerProvider() // Run shuts it down
 		return decision.Run(ctx, cfg, logger)
 	}
 	if cfg.DatabaseURL == "" {
