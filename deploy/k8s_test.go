@@ -87,7 +87,9 @@ type (
 		Secret *struct {
 			SecretName string `json:"secretName"`
 		} `json:"secret"`
-		EmptyDir *struct{} `json:"emptyDir"`
+		EmptyDir *struct {
+			SizeLimit string `json:"sizeLimit"`
+		} `json:"emptyDir"`
 	}
 	container struct {
 		Name    string   `json:"name"`
@@ -691,6 +693,12 @@ func checkDeployment(t *testing.T, m manifests, cs configs, cp component, hpas m
 		}
 		if v, ok := cp.mountOf(g.UsageSpoolDir); !ok || v.EmptyDir == nil {
 			t.Errorf("usage_spool_dir %s is not on an emptyDir (the root filesystem is read-only)", g.UsageSpoolDir)
+		} else if limit, err := quantityBytes(v.EmptyDir.SizeLimit); err != nil {
+			t.Errorf("usage spool emptyDir sizeLimit: %v", err)
+		} else if g.UsageSpoolMaxBytes <= 0 || g.UsageSpoolMaxBytes > limit*3/4 {
+			// The bound must leave room for the last spill and the
+			// shutdown spool, or the kubelet evicts the pod, spool and all.
+			t.Errorf("usage_spool_max_bytes %d: set it to at most 3/4 of the spool emptyDir's sizeLimit %s", g.UsageSpoolMaxBytes, v.EmptyDir.SizeLimit)
 		}
 		if g.InternalToken != nil {
 			// Every replica must sign with the same key: from a Secret.
@@ -979,4 +987,19 @@ func TestNetworkPolicy(t *testing.T) {
 	if !covered {
 		t.Error("no NetworkPolicy selects the decision pods")
 	}
+}
+
+// quantityBytes reads a Kubernetes binary-suffixed quantity ("1Gi",
+// "512Mi"), the form the manifests use for sizes.
+func quantityBytes(q string) (int64, error) {
+	for suffix, mult := range map[string]int64{"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30} {
+		if n, ok := strings.CutSuffix(q, suffix); ok {
+			v, err := strconv.ParseInt(n, 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("quantity %q: %w", q, err)
+			}
+			return v * mult, nil
+		}
+	}
+	return 0, fmt.Errorf("quantity %q: want a Ki, Mi or Gi size", q)
 }

@@ -63,6 +63,11 @@ type Config struct {
 	// UsageSpoolDir keeps usage events the database cannot take (outage)
 	// until they can be written. Empty: no spool.
 	UsageSpoolDir string `json:"usage_spool_dir"`
+	// UsageSpoolMaxBytes is the spool size at which spilling stops (events
+	// then wait in memory, and are dropped and counted once it is full).
+	// Keep it well below the spool volume's size: a pod that outgrows an
+	// emptyDir is evicted and its spool lost. Default 512 MiB.
+	UsageSpoolMaxBytes int64 `json:"usage_spool_max_bytes"`
 	// ShutdownDrain bounds how long in-flight requests and streams may
 	// finish at shutdown. Default 30s.
 	ShutdownDrain config.Duration `json:"shutdown_drain"`
@@ -148,6 +153,9 @@ func (c Config) validate() ([]netip.Prefix, error) {
 	}
 	if c.DecisionTimeout < 0 {
 		errs = append(errs, fmt.Errorf("decision_timeout %s: must not be negative", c.DecisionTimeout.D()))
+	}
+	if c.UsageSpoolMaxBytes < 0 {
+		errs = append(errs, fmt.Errorf("usage_spool_max_bytes %d: must not be negative", c.UsageSpoolMaxBytes))
 	}
 	if c.DecisionCacheSize < 0 {
 		errs = append(errs, fmt.Errorf("decision_cache_size %d: must not be negative", c.DecisionCacheSize))

@@ -45,6 +45,7 @@ func TestConfigValidation(t *testing.T) {
 		}, "routes_reload_interval"},
 		{"negative database check interval", func(c *gateway.Config) { c.DatabaseCheckInterval = negative }, "database_check_interval"},
 		{"negative decision cache size", func(c *gateway.Config) { c.DecisionCacheSize = -1 }, "decision_cache_size"},
+		{"negative spool bound", func(c *gateway.Config) { c.UsageSpoolMaxBytes = -1 }, "usage_spool_max_bytes"},
 		{"negative backend header timeout", func(c *gateway.Config) {
 			c.Backends["main"] = route.Backend{URL: "http://127.0.0.1:1", Audience: "a", ResponseHeaderTimeout: negative}
 		}, "backends.main.response_header_timeout"},

@@ -137,7 +137,9 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		return nil, err
 	}
 	g.budget = budget.New(g.pool, budget.Config{Registerer: reg}, logger)
-	if g.usage, err = usage.New(g.pool, usage.Config{SpoolDir: cfg.UsageSpoolDir, Registerer: reg}, logger); err != nil {
+	if g.usage, err = usage.New(g.pool, usage.Config{
+		SpoolDir: cfg.UsageSpoolDir, SpoolMaxBytes: cfg.UsageSpoolMaxBytes, Registerer: reg,
+	}, logger); err != nil {
 		return nil, err
 	}
 
