@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -334,5 +335,52 @@ func TestLoweredLimitFailedReturnIsNotSpent(t *testing.T) {
 	}
 	if used, limit := f.used(t, "org-1", t0); used != 5 || limit != 5 {
 		t.Errorf("used %d of limit %d, want 5 of 5", used, limit)
+	}
+}
+
+// A statement that never got a connection (every pooled one busy until its
+// deadline) certainly did not apply: the units of a failed return stay in
+// hand, and a failed lease abandons nothing.
+func TestStatementWithoutConnectionIsNotAbandoned(t *testing.T) {
+	t.Parallel()
+	f := setup(t)
+	cfg, err := pgxpool.ParseConfig(f.url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.MaxConns = 1
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	reg := prometheus.NewRegistry()
+	l := budget.New(pool, budget.Config{LeaseTarget: time.Hour, StatementTimeout: 50 * time.Millisecond,
+		Now: f.clock.Now, Registerer: reg}, nil)
+	spec := minute(100)
+	if out, err := l.Take(t.Context(), "org-1", spec); err != nil || !out.Allowed {
+		t.Fatalf("first take: %+v, %v", out, err)
+	}
+
+	held, err := pool.Acquire(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The lease in hand is returned at Close; with no connection to be had
+	// the return fails, certainly unsent.
+	if err := l.Close(t.Context()); err == nil {
+		t.Fatal("Close returned its lease with no connection to be had")
+	}
+	// A lease by a second limiter cannot get a connection either.
+	other := budget.New(pool, budget.Config{StatementTimeout: 50 * time.Millisecond, Now: f.clock.Now, Registerer: reg}, nil)
+	if out, err := other.Take(t.Context(), "org-2", spec); err == nil || out.Allowed {
+		t.Fatalf("take without a connection: %+v, %v; want an error", out, err)
+	}
+	held.Release()
+
+	for name, v := range gather(t, reg) {
+		if strings.HasPrefix(name, "cloudconnector_budget_abandoned_units_total") && v != 0 {
+			t.Errorf("%s = %v; nothing was sent, nothing may be abandoned", name, v)
+		}
 	}
 }

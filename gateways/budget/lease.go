@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -301,12 +302,42 @@ func (l *Limiter) lease(ctx context.Context, e *entry, f *flight, req leaseReque
 // server answered with, which rolled the statement back. Anything else, such
 // as a reply lost or too late after the statement committed, may have.
 func mayHaveApplied(err error) bool {
-	if pgconn.SafeToRetry(err) {
+	var unsent notSentError
+	if pgconn.SafeToRetry(err) || errors.As(err, &unsent) {
 		return false
 	}
 	var connect *pgconn.ConnectError
 	var server *pgconn.PgError
 	return !errors.As(err, &connect) && !errors.As(err, &server)
+}
+
+// acquirer is what a connection pool adds to DB. Taking the connection
+// before the statement tells one that was never sent (no connection in
+// time: the pool was busy or the database unreachable) from one whose reply
+// was lost, which the pool's own QueryRow and Exec report alike.
+type acquirer interface {
+	Acquire(ctx context.Context) (*pgxpool.Conn, error)
+}
+
+// notSentError is a statement that never left the gateway.
+type notSentError struct{ err error }
+
+func (e notSentError) Error() string { return "no database connection: " + e.err.Error() }
+func (e notSentError) Unwrap() error { return e.err }
+
+// withConn runs fn on a connection of its own when the limiter's DB is a
+// pool, so that failing to get one is known not to have applied anything.
+func (l *Limiter) withConn(ctx context.Context, fn func(DB) error) error {
+	pool, ok := l.db.(acquirer)
+	if !ok {
+		return fn(l.db)
+	}
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return notSentError{err}
+	}
+	defer conn.Release()
+	return fn(conn)
 }
 
 // abandon records n units given up for the current window because a
@@ -333,9 +364,11 @@ func (l *Limiter) leaseUnits(ctx context.Context, req leaseRequest) (grant, erro
 		dbNow, window time.Time
 		units, used   *int64
 	)
-	err := l.db.QueryRow(ctx, leaseSQL,
-		req.key.subject, req.key.bucket, req.key.windowSeconds, req.unit, req.limit, req.want,
-	).Scan(&dbNow, &window, &units, &used)
+	err := l.withConn(ctx, func(db DB) error {
+		return db.QueryRow(ctx, leaseSQL,
+			req.key.subject, req.key.bucket, req.key.windowSeconds, req.unit, req.limit, req.want,
+		).Scan(&dbNow, &window, &units, &used)
+	})
 	received := l.cfg.Now()
 	l.metrics.leaseSeconds.Observe(time.Since(began).Seconds())
 	if err != nil {
@@ -355,7 +388,10 @@ func (l *Limiter) leaseUnits(ctx context.Context, req leaseRequest) (grant, erro
 
 // giveBack returns n unspent units of the window starting at window.
 func (l *Limiter) giveBack(ctx context.Context, k key, window, n int64) error {
-	_, err := l.db.Exec(ctx, returnSQL, k.subject, k.bucket, k.windowSeconds, time.Unix(window, 0).UTC(), n)
+	err := l.withConn(ctx, func(db DB) error {
+		_, err := db.Exec(ctx, returnSQL, k.subject, k.bucket, k.windowSeconds, time.Unix(window, 0).UTC(), n)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("return budget: %w", err)
 	}

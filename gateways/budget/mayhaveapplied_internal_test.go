@@ -20,6 +20,7 @@ func TestMayHaveApplied(t *testing.T) {
 		"deadline passed":          {context.DeadlineExceeded, true},
 		"canceled":                 {fmt.Errorf("lease: %w", context.Canceled), true},
 		"connection lost mid-call": {errors.New("unexpected EOF"), true},
+		"no connection in time":    {fmt.Errorf("return budget: %w", notSentError{context.DeadlineExceeded}), false},
 	} {
 		if got := mayHaveApplied(tc.err); got != tc.want {
 			t.Errorf("%s: mayHaveApplied(%v) = %v, want %v", name, tc.err, got, tc.want)
