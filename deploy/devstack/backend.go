@@ -8,6 +8,7 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/lestrrat-go/jwx/v2/jwk"
+	"github.com/lestrrat-go/jwx/v2/jwt"
 
 	"github.com/cloud-connector/cloud-connector/gateways/internaltoken"
 )
@@ -32,20 +33,23 @@ type tokenFor struct{ issuer, audience string }
 // checking its signature every time.
 func requireInternalToken(keys jwk.Set, accept []tokenFor, next http.Handler) http.Handler {
 	public := map[string]bool{"/v1/models/definitions": true, "/monitoring/healthz": true, "/monitoring/ready": true}
-	verified := expirable.NewLRU[string, struct{}](10_000, nil, 30*time.Second)
+	verified := expirable.NewLRU[string, time.Time](10_000, nil, 30*time.Second) // token -> its exp
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if public[r.URL.Path] {
 			next.ServeHTTP(w, r)
 			return
 		}
 		raw := r.Header.Get(internaltoken.Header)
-		if _, ok := verified.Get(raw); ok && raw != "" {
+		if exp, ok := verified.Get(raw); ok && raw != "" && time.Now().Before(exp) {
 			next.ServeHTTP(w, r)
 			return
 		}
 		for _, a := range accept {
 			if _, err := internaltoken.Verify(raw, keys, a.issuer, a.audience); err == nil {
-				verified.Add(raw, struct{}{})
+				// Verified just now, so its claims can be read as they are.
+				if t, err := jwt.ParseInsecure([]byte(raw)); err == nil {
+					verified.Add(raw, t.Expiration())
+				}
 				next.ServeHTTP(w, r)
 				return
 			}

@@ -27,7 +27,7 @@ import (
 	"time"
 
 	"github.com/google/uuid"
-	lru "github.com/hashicorp/golang-lru/v2/expirable"
+	lru "github.com/hashicorp/golang-lru/v2"
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
@@ -72,7 +72,7 @@ type Signer struct {
 	alg    jwa.SignatureAlgorithm
 	key    jwk.Key // signing key, with kid and alg set
 	jwks   []byte  // public keys, served to backends
-	cache  *lru.LRU[Claims, issued]
+	cache  *lru.Cache[Claims, issued]
 }
 
 type issued struct {
@@ -97,14 +97,14 @@ func New(cfg Config) (*Signer, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	s := &Signer{
-		issuer: cfg.Issuer,
-		ttl:    cfg.TTL,
-		now:    cfg.Now,
-		// Entries live for the reuse period; the cache bound keeps a flood
-		// of distinct subjects from growing memory without limit.
-		cache: lru.NewLRU[Claims, issued](100_000, nil, cfg.TTL/2),
+	// Bounded, so a flood of distinct subjects cannot grow memory without
+	// limit; Token checks an entry's age itself. (Not the expirable LRU:
+	// it runs a goroutine per cache that nothing can stop.)
+	cache, err := lru.New[Claims, issued](100_000)
+	if err != nil {
+		return nil, fmt.Errorf("internal token: %w", err)
 	}
+	s := &Signer{issuer: cfg.Issuer, ttl: cfg.TTL, now: cfg.Now, cache: cache}
 	key, alg, public, err := loadKeys(cfg.KeyFiles)
 	if err != nil {
 		return nil, err

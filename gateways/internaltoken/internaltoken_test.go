@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -232,6 +233,21 @@ func TestKeyTypes(t *testing.T) {
 				t.Fatal(err)
 			}
 		})
+	}
+}
+
+// TestSignerStartsNoGoroutines: a Signer holds nothing that would need
+// stopping (gateways build one per start, tests one per case).
+func TestSignerStartsNoGoroutines(t *testing.T) {
+	key := keyFile(t)
+	before := runtime.NumGoroutine()
+	for range 50 {
+		if _, err := internaltoken.New(internaltoken.Config{Issuer: issuer, KeyFiles: []string{key}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if after := runtime.NumGoroutine(); after > before+5 {
+		t.Fatalf("goroutines %d -> %d after 50 signers", before, after)
 	}
 }
 
