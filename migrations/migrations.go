@@ -6,10 +6,12 @@ package migrations
 import (
 	"context"
 	"embed"
+	"errors"
 	"fmt"
 	"io/fs"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/tern/v2/migrate"
 )
 
@@ -67,10 +69,18 @@ type Querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
+// undefinedTable is SQLSTATE 42P01: the version table was never created.
+const undefinedTable = "42P01"
+
+// ErrSchemaBehind reports a database the migration job has not brought to
+// the embedded schema version: no waiting fixes it.
+var ErrSchemaBehind = errors.New("run migrations")
+
 // Check reports an error unless the database is at the embedded schema
-// version (or newer, during a rolling upgrade's migrate-first phase). It is
-// a readiness check: a process must not serve on a database the migration
-// job has not prepared.
+// version (or newer, during a rolling upgrade's migrate-first phase): a
+// process must not serve on a database the migration job has not prepared.
+// Such a database gives an error wrapping ErrSchemaBehind; failing to read
+// the version (a timeout, a lost connection) gives another.
 func Check(ctx context.Context, db Querier) error {
 	want, err := Latest()
 	if err != nil {
@@ -78,10 +88,14 @@ func Check(ctx context.Context, db Querier) error {
 	}
 	var got int32
 	if err := db.QueryRow(ctx, "SELECT version FROM "+VersionTable).Scan(&got); err != nil {
-		return fmt.Errorf("read schema version (run migrations): %w", err)
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == undefinedTable {
+			return fmt.Errorf("no %s table: %w", VersionTable, ErrSchemaBehind)
+		}
+		return fmt.Errorf("read schema version: %w", err)
 	}
 	if got < want {
-		return fmt.Errorf("schema at version %d, want %d: run migrations", got, want)
+		return fmt.Errorf("schema at version %d, want %d: %w", got, want, ErrSchemaBehind)
 	}
 	return nil
 }

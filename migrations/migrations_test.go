@@ -2,6 +2,7 @@ package migrations_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -82,14 +83,20 @@ func TestCheck(t *testing.T) {
 	if _, err := pool.Exec(ctx, "UPDATE "+migrations.VersionTable+" SET version = 1"); err != nil {
 		t.Fatal(err)
 	}
-	if err := migrations.Check(ctx, pool); err == nil {
-		t.Fatal("Check passed on a database behind the embedded schema")
+	if err := migrations.Check(ctx, pool); !errors.Is(err, migrations.ErrSchemaBehind) {
+		t.Fatalf("Check on a database behind the embedded schema = %v; want ErrSchemaBehind", err)
 	}
 	if _, err := pool.Exec(ctx, "DROP TABLE "+migrations.VersionTable); err != nil {
 		t.Fatal(err)
 	}
-	if err := migrations.Check(ctx, pool); err == nil {
-		t.Fatal("Check passed on an unmigrated database")
+	if err := migrations.Check(ctx, pool); !errors.Is(err, migrations.ErrSchemaBehind) {
+		t.Fatalf("Check on an unmigrated database = %v; want ErrSchemaBehind", err)
+	}
+	// Failing to read the version is not the schema being behind.
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if err := migrations.Check(cancelled, pool); err == nil || errors.Is(err, migrations.ErrSchemaBehind) {
+		t.Fatalf("Check that could not read the version = %v; want an error other than ErrSchemaBehind", err)
 	}
 }
 

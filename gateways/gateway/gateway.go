@@ -115,6 +115,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 		Name:       "database",
 		Ping:       g.pool.Ping,
 		Verify:     func(ctx context.Context) error { return migrations.Check(ctx, g.pool) },
+		Fatal:      func(err error) bool { return errors.Is(err, migrations.ErrSchemaBehind) },
 		Interval:   cfg.DatabaseCheckInterval.D(),
 		Registerer: reg,
 	}, logger)

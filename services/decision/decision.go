@@ -235,6 +235,7 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Server, err e
 		Name:       "database",
 		Ping:       s.pool.Ping,
 		Verify:     func(ctx context.Context) error { return migrations.Check(ctx, s.pool) },
+		Fatal:      func(err error) bool { return errors.Is(err, migrations.ErrSchemaBehind) },
 		Interval:   cfg.DatabaseCheckInterval.D(),
 		Registerer: reg,
 	}, logger)

@@ -23,6 +23,11 @@ type DependencyConfig struct {
 	// the binary was built for. Optional. Once it has passed it is not
 	// run again.
 	Verify func(context.Context) error
+	// Fatal reports a Verify error that no waiting fixes (migrations not
+	// run), which stops the process at Start. Other Verify errors (a
+	// timeout, a dropped connection) leave it starting degraded, as an
+	// unanswered ping does. Nil: none is fatal.
+	Fatal func(error) bool
 	// Interval between checks. Default 5s.
 	Interval time.Duration
 	// Timeout bounds one check. Default 5s.
@@ -69,22 +74,29 @@ func NewDependency(cfg DependencyConfig, logger *slog.Logger) *Dependency {
 	return d
 }
 
-// Start checks the dependency once, as the process starts. A dependency
-// that answers but fails Verify is a deployment mistake (migrations not
-// run) that no waiting fixes: Start returns the error, so the process
-// fails to start and says why. One that does not answer is an outage the
-// process is built to ride out: Start logs it and returns nil, and Run
-// verifies the dependency once it answers.
+// Start checks the dependency once, as the process starts. A Verify error
+// that Fatal says no waiting fixes (migrations not run) is a deployment
+// mistake: Start returns it, so the process fails to start and says why.
+// Anything else, a dependency that does not answer or cannot be verified
+// in time, is an outage the process is built to ride out: Start logs it
+// and returns nil, and Run verifies the dependency once it answers.
 func (d *Dependency) Start(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, d.cfg.Timeout)
+	pingCtx, cancel := context.WithTimeout(ctx, d.cfg.Timeout)
 	defer cancel()
-	if err := d.cfg.Ping(ctx); err != nil {
+	if err := d.cfg.Ping(pingCtx); err != nil {
 		d.record(false, fmt.Errorf("ping: %w", err))
 		return nil
 	}
 	if d.cfg.Verify != nil {
-		if err := d.cfg.Verify(ctx); err != nil {
-			return fmt.Errorf("%s: %w", d.cfg.Name, err)
+		// A timeout of its own: a slow ping must not leave it none.
+		verifyCtx, cancel := context.WithTimeout(ctx, d.cfg.Timeout)
+		defer cancel()
+		if err := d.cfg.Verify(verifyCtx); err != nil {
+			if d.cfg.Fatal != nil && d.cfg.Fatal(err) {
+				return fmt.Errorf("%s: %w", d.cfg.Name, err)
+			}
+			d.record(false, err)
+			return nil
 		}
 	}
 	d.mu.Lock()

@@ -19,8 +19,11 @@ import (
 type fakeDB struct {
 	down     atomic.Bool
 	behind   atomic.Bool
+	slow     atomic.Bool // Verify times out
 	verifies atomic.Int32
 }
+
+var errBehind = errors.New("schema at version 1, want 2: run migrations")
 
 func (f *fakeDB) ping(context.Context) error {
 	if f.down.Load() {
@@ -32,7 +35,10 @@ func (f *fakeDB) ping(context.Context) error {
 func (f *fakeDB) verify(context.Context) error {
 	f.verifies.Add(1)
 	if f.behind.Load() {
-		return errors.New("schema at version 1, want 2: run migrations")
+		return errBehind
+	}
+	if f.slow.Load() {
+		return context.DeadlineExceeded
 	}
 	return nil
 }
@@ -43,6 +49,7 @@ func newDependency(t *testing.T, f *fakeDB) (*server.Dependency, *prometheus.Reg
 	logs := &servertest.Buffer{}
 	d := server.NewDependency(server.DependencyConfig{
 		Name: "database", Ping: f.ping, Verify: f.verify, Interval: time.Millisecond, Registerer: reg,
+		Fatal: func(err error) bool { return errors.Is(err, errBehind) },
 	}, slog.New(slog.NewJSONHandler(logs, nil)))
 	return d, reg, logs
 }
@@ -82,6 +89,18 @@ func TestDependencyStart(t *testing.T) {
 		err := d.Start(context.Background())
 		if err == nil || !strings.Contains(err.Error(), "database") || !strings.Contains(err.Error(), "run migrations") {
 			t.Fatalf("Start = %v; want the Verify error naming the database", err)
+		}
+	})
+	t.Run("answers but cannot be verified in time", func(t *testing.T) {
+		t.Parallel()
+		f := &fakeDB{}
+		f.slow.Store(true)
+		d, reg, _ := newDependency(t, f)
+		if err := d.Start(context.Background()); err != nil {
+			t.Fatalf("Start = %v; want nil: a slow database is an outage, not a deployment mistake", err)
+		}
+		if d.Up() || gauge(t, reg) != 0 {
+			t.Errorf("Up = %v, gauge %v; want down until verified", d.Up(), gauge(t, reg))
 		}
 	})
 	t.Run("unreachable", func(t *testing.T) {
