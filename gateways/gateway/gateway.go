@@ -45,13 +45,15 @@ type Gateway struct {
 	usage     *usage.Recorder
 	backends  map[string]*backend
 	hosts     []string // Config.Hosts without ports
-	mux       atomic.Pointer[http.Handler]
-	routesSum [32]byte
-	metrics   *metrics
-	database  *server.Dependency
-	signer    *internaltoken.Signer // nil: no internal tokens
-	tracing   trace.TracerProvider
-	tracer    trace.Tracer
+	// prefixedJWKS is jwksPath under Config.Prefix, which serves it too.
+	prefixedJWKS string
+	mux          atomic.Pointer[http.Handler]
+	routesSum    [32]byte
+	metrics      *metrics
+	database     *server.Dependency
+	signer       *internaltoken.Signer // nil: no internal tokens
+	tracing      trace.TracerProvider
+	tracer       trace.Tracer
 
 	proc          *server.Process
 	sessions      *sessions
@@ -79,7 +81,8 @@ func New(ctx context.Context, cfg Config, logger *slog.Logger) (_ *Gateway, err 
 	}
 	logger = telemetry.Logger(logger).With("gateway", cfg.Name)
 	g := &Gateway{cfg: cfg, logger: logger, backends: map[string]*backend{}, hosts: hostNames(cfg.Hosts),
-		sessions: newSessions(), tracing: cfg.TracerProvider}
+		prefixedJWKS: cfg.Prefix + jwksPath,
+		sessions:     newSessions(), tracing: cfg.TracerProvider}
 	if g.tracing == nil {
 		g.tracing = telemetry.NoExport()
 	}
@@ -172,7 +175,7 @@ func (g *Gateway) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		detail(http.StatusBadRequest, grpcInvalidArgument, msgBadPath).write(w, r)
 		return
 	}
-	if g.signer != nil && r.Method == http.MethodGet && (path == jwksPath || path == g.cfg.Prefix+jwksPath) {
+	if g.signer != nil && r.Method == http.MethodGet && (path == jwksPath || path == g.prefixedJWKS) {
 		// On every host and port, with or without the prefix: backends
 		// fetch it over the cluster network, by the Service's name.
 		g.serveJWKS(w)
@@ -207,9 +210,7 @@ func (g *Gateway) serveJWKS(w http.ResponseWriter) {
 }
 
 func (g *Gateway) hostMounted(host string) bool {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
+	host = hostName(host)
 	return slices.ContainsFunc(g.hosts, func(h string) bool { return strings.EqualFold(h, host) })
 }
 
@@ -218,12 +219,17 @@ func (g *Gateway) hostMounted(host string) bool {
 func hostNames(hosts []string) []string {
 	names := make([]string, len(hosts))
 	for i, h := range hosts {
-		if name, _, err := net.SplitHostPort(h); err == nil {
-			h = name
-		}
-		names[i] = h
+		names[i] = hostName(h)
 	}
 	return names
+}
+
+// hostName is host (a Host header or hosts entry) without its port.
+func hostName(host string) string {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		return h
+	}
+	return host
 }
 
 // Run serves until ctx is done, then drains in-flight requests, returns
@@ -316,9 +322,9 @@ func (g *Gateway) parseRoutes(b []byte) (route.Table, error) {
 // install swaps in a router for t.
 func (g *Gateway) install(t route.Table, sum [32]byte) {
 	var h http.Handler = t.Mux(func(rt route.Route) http.Handler {
-		b := g.backends[rt.Backend]
+		b, hdrs := g.backends[rt.Backend], decisionHeaders(rt)
 		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			g.serveRoute(rt, b, w, r, r.URL.EscapedPath())
+			g.serveRoute(rt, b, hdrs, w, r, r.URL.EscapedPath())
 		})
 	}, func(w http.ResponseWriter, r *http.Request) {
 		spanStatus(r.Context(), http.StatusNotFound)

@@ -35,7 +35,7 @@ const (
 
 // serveRoute handles one request on route rt: authorize, spend budget,
 // proxy, record usage.
-func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, r *http.Request, path string) {
+func (g *Gateway) serveRoute(rt route.Route, b *backend, decisionHdrs []string, w http.ResponseWriter, r *http.Request, path string) {
 	start := time.Now()
 	reqID := requestID(r)
 	w.Header().Set(hdrRequestID, reqID)
@@ -59,7 +59,7 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 		g.forward(ctx, rt, b, rec, r, up)
 		return
 	}
-	if h := duplicated(r, rt); h != "" {
+	if h := duplicated(r, decisionHdrs); h != "" {
 		g.deny(w, r, rt, "duplicate_header", detail(http.StatusBadRequest, grpcInvalidArgument, "Duplicate "+h+" header"), start)
 		return
 	}
@@ -166,10 +166,7 @@ func (g *Gateway) serveRoute(rt route.Route, b *backend, w http.ResponseWriter, 
 	if internalToken != "" {
 		up.headers.Set(internaltoken.Header, internalToken)
 	}
-	up.authorized = identityHeaders
-	if rt.FeatureHeader != "" {
-		up.authorized = append(slices.Clip(identityHeaders), http.CanonicalHeaderKey(rt.FeatureHeader))
-	}
+	up.authorized = decisionHdrs
 
 	rec := &recorder{ResponseWriter: w}
 	body := &counter{ReadCloser: r.Body}
@@ -238,14 +235,21 @@ var identityHeaders = []string{
 	hdrClientType, hdrDeployment, hdrHostName,
 }
 
-func duplicated(r *http.Request, rt route.Route) string {
-	for _, h := range identityHeaders {
+// decisionHeaders returns the canonical request headers a decision on rt
+// depends on: the identity headers and the route's feature header.
+func decisionHeaders(rt route.Route) []string {
+	if rt.FeatureHeader == "" {
+		return identityHeaders
+	}
+	return append(slices.Clip(identityHeaders), http.CanonicalHeaderKey(rt.FeatureHeader))
+}
+
+// duplicated returns the first of hdrs that r carries more than once.
+func duplicated(r *http.Request, hdrs []string) string {
+	for _, h := range hdrs {
 		if len(r.Header.Values(h)) > 1 {
 			return h
 		}
-	}
-	if rt.FeatureHeader != "" && len(r.Header.Values(rt.FeatureHeader)) > 1 {
-		return rt.FeatureHeader
 	}
 	return ""
 }

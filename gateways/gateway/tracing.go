@@ -2,7 +2,6 @@ package gateway
 
 import (
 	"context"
-	"net"
 	"net/http"
 
 	"go.opentelemetry.io/otel/attribute"
@@ -109,13 +108,6 @@ func scheme(r *http.Request) string {
 		return "https"
 	}
 	return "http"
-}
-
-func hostName(host string) string {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		return h
-	}
-	return host
 }
 
 func protoVersion(r *http.Request) string {
